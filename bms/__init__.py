@@ -1,0 +1,1 @@
+"""pybms: battery-management runtime. See DESIGN.md for the cycle and the conventions."""

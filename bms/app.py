@@ -1,0 +1,158 @@
+"""Wiring: config → backends → loop, and a clean way out on every exit path.
+
+No globals: everything the loop needs is built here from the config and closed here. Whatever
+way the loop ends (duration reached, SIGINT, SIGTERM, an exception), the contactors are
+commanded open and the feedback is awaited before the backends close.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import TextIO
+
+from bms.backends import Backend, FrontEndError, InjectionError
+from bms.comms.dbc import DbcError
+from bms.config import BackendChoice, BmsConfig
+from bms.estimation.cell_params import CellParamsError, load_cell_params
+from bms.loop import ControlCycle, CycleTiming, RateKeeper
+from bms.report import pack_summary, status_record, to_json, to_line
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_OPEN_TIMEOUT_S = 2.0
+"""How long shutdown waits for the feedback to confirm that every relay opened."""
+
+EXIT_OK = 0
+EXIT_CONTACTORS_NOT_CONFIRMED_OPEN = 1
+EXIT_USAGE_ERROR = 2
+EXIT_SETUP_FAILED = 3
+
+SETUP_ERRORS = (FrontEndError, DbcError, CellParamsError, ValueError, OSError)
+"""Errors that mean the configured hardware or files cannot be used: reported, not traced."""
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM (or a test); the loop checks it once per cycle."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.reason = signal.Signals(signum).name
+        self.event.set()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+
+def run(
+    config: BmsConfig,
+    *,
+    simulate: bool = False,
+    injections: list[str] | None = None,
+    duration_s: float | None = None,
+    status_format: str = "text",
+    out: TextIO = sys.stdout,
+    stop: StopRequest | None = None,
+) -> int:
+    """Run the control loop until ``duration_s`` passes or a stop is requested.
+
+    With ``simulate``, the ``[sim]`` pack runs beside the loop on the same bus.
+    Returns the process exit code.
+    """
+    stop = stop or StopRequest()
+    emit: Callable[[dict], str] = to_json if status_format == "json" else to_line
+    with ExitStack() as resources:
+        try:
+            cell = load_cell_params(config.pack.cell_params)
+            if simulate:
+                if config.sim is None:
+                    raise ValueError(f"{config.source}: `bms sim` needs a [sim] section")
+                sim = config.sim.cls(config, config.sim.options, list(injections or []))
+                sim.start()
+                resources.callback(sim.stop)
+            frontend = _open(resources, config, config.frontend)
+            contactors = _open(resources, config, config.contactors)
+            publisher = _open(resources, config, config.publisher) if config.publisher else None
+        except InjectionError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE_ERROR
+        except SETUP_ERRORS as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_SETUP_FAILED
+
+        cycle = ControlCycle(config, cell, frontend, contactors, publisher)
+        rate = RateKeeper(config.loop.period_s, config.loop.lag_limit_s)
+        timing = CycleTiming()
+        worst_overall_s = 0.0
+        start_s, _ = rate.wait()
+        next_report_s = start_s
+        status = None
+        log.info("control loop running at %.0f Hz", 1.0 / config.loop.period_s)
+        try:
+            while not stop.event.is_set():
+                now_s, dt_s = rate.wait()
+                status = cycle.run(now_s - start_s, dt_s, rate.lagging)
+                compute_s = time.monotonic() - now_s
+                timing.add(compute_s)
+                worst_overall_s = max(worst_overall_s, compute_s)
+                if now_s >= next_report_s:
+                    record = status_record(
+                        status, timing.mean_s, timing.worst_s, rate.missed_cycles
+                    )
+                    print(emit(record), file=out, flush=True)
+                    timing = CycleTiming()
+                    next_report_s += config.loop.status_interval_s
+                if duration_s is not None and now_s - start_s >= duration_s:
+                    stop.reason = stop.reason or "duration reached"
+                    break
+        except Exception:
+            log.exception("control loop failed; opening contactors")
+        finally:
+            opened = cycle.open_and_wait(time.monotonic, SHUTDOWN_OPEN_TIMEOUT_S)
+        if not opened:
+            log.error(
+                "contactor feedback did not confirm OPEN within %.1f s", SHUTDOWN_OPEN_TIMEOUT_S
+            )
+        summary = {
+            "summary": True,
+            "stopped_by": stop.reason or "error",
+            "run_time_s": round(time.monotonic() - start_s, 3),
+            "contactors": "open" if opened else "unconfirmed",
+            "latched": list(status.latched_faults) if status else [],
+            "missed_cycles": rate.missed_cycles,
+            "cycle_time_max_s": worst_overall_s,
+        }
+        if status is not None:
+            soc = pack_summary(status)
+            summary.update({k: soc[k] for k in ("soc_min", "soc_mean", "soc_max")})
+        print(
+            to_json(summary) if status_format == "json" else _summary_line(summary),
+            file=out,
+            flush=True,
+        )
+        return EXIT_OK if opened else EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
+
+
+def _open(resources: ExitStack, config: BmsConfig, choice: BackendChoice) -> Backend:
+    """Build a backend and make sure it is closed however the run ends."""
+    backend = choice.cls(config, choice.options)
+    resources.callback(backend.close)
+    return backend
+
+
+def _summary_line(summary: dict) -> str:
+    latched = ", ".join(summary["latched"]) or "none"
+    return (
+        f"stopped ({summary['stopped_by']}) after {summary['run_time_s']:.1f} s: contactors "
+        f"{summary['contactors']}, latched faults: {latched}, missed cycles "
+        f"{summary['missed_cycles']}, worst cycle {summary['cycle_time_max_s'] * 1e3:.2f} ms"
+    )

@@ -1,0 +1,110 @@
+"""The ``bms`` command: ``run``, ``sim`` and ``check-config``.
+
+Exit codes: 0 clean stop (contactors confirmed open), 1 contactors not confirmed open,
+2 configuration or usage error, 3 the configured hardware or files could not be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from bms import app, backends
+from bms.config import SIM_BACKEND, ConfigError, load_config
+
+EXIT_CONFIG_ERROR = 2
+DEFAULT_SIM_CONFIG = "config/sim.toml"
+
+
+def _fault_kinds_help() -> str:
+    """The simulator's fault kinds, for ``bms sim --help``."""
+    try:
+        kinds = backends.load("bms.simulators", SIM_BACKEND).FAULT_KINDS
+    except backends.UnknownBackendError:
+        return "no simulator is installed"
+    lines = [f"  {kind:<10} {text}" for kind, text in kinds.items()]
+    return "fault kinds for --inject:\n" + "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bms", description="Battery-management runtime.")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_loop_options(sub: argparse.ArgumentParser, default_config: str | None) -> None:
+        sub.add_argument(
+            "--config",
+            default=default_config,
+            required=default_config is None,
+            help="TOML config file" + (f" (default {default_config})" if default_config else ""),
+        )
+        sub.add_argument(
+            "--duration-s",
+            type=float,
+            default=None,
+            help="stop after this many seconds (default: run until stopped)",
+        )
+        sub.add_argument(
+            "--status-format",
+            choices=["text", "json"],
+            default="text",
+            help="one status line per interval: for people, or one JSON object",
+        )
+
+    run = commands.add_parser("run", help="run the control loop on the configured hardware")
+    add_loop_options(run, None)
+
+    sim = commands.add_parser(
+        "sim",
+        help="run the control loop on the simulated pack",
+        epilog=_fault_kinds_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_loop_options(sim, DEFAULT_SIM_CONFIG)
+    sim.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="KIND@T_S[:cell=N]",
+        help="inject a fault T_S seconds after start; cells count from 1; repeatable",
+    )
+
+    check = commands.add_parser("check-config", help="validate a config and print it resolved")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    path = args.file if args.command == "check-config" else args.config
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    if args.command == "check-config":
+        print(json.dumps(config.summary(), indent=2))
+        return 0
+    if args.command == "sim" and config.sim is None:
+        print(f"{config.source}: `bms sim` needs a [sim] section", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    stop = app.StopRequest()
+    stop.install()
+    return app.run(
+        config,
+        simulate=args.command == "sim",
+        injections=args.inject if args.command == "sim" else [],
+        duration_s=args.duration_s,
+        status_format=args.status_format,
+        stop=stop,
+    )

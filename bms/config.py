@@ -1,0 +1,318 @@
+"""TOML configuration: strict loading and validation.
+
+Every option has a type, a range and its unit in its name. Unknown and missing keys are errors
+that name the file, the section and the option, with the nearest valid name as a suggestion
+(Klipper's ``check_unused_options``, PyBaMM's fuzzy dict). Backend sections (``[frontend]``,
+``[contactors]``, ``[publisher]``, ``[sim]``) are validated by the options model of the backend
+they name, so a typo in a driver option is caught at load time like any other.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from bms import backends
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _resolve_existing_path(value: Path, info: ValidationInfo) -> Path:
+    base_dir = (info.context or {}).get("base_dir", Path.cwd())
+    path = value if value.is_absolute() else (base_dir / value)
+    if not path.exists():
+        raise ValueError(f"no such file or directory: {path}")
+    return path.resolve()
+
+
+ExistingPath = Annotated[Path, AfterValidator(_resolve_existing_path)]
+"""A path relative to the config file's directory that must exist."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PackConfig(StrictModel):
+    n_cells: int = Field(ge=1, le=1024, description="cells in series")
+    n_temp_sensors: int = Field(ge=1, le=1024)
+    cell_params: ExistingPath = Field(description="directory of the cell's parameter set")
+
+
+class LoopConfig(StrictModel):
+    period_s: float = Field(0.1, ge=0.001, le=10.0)
+    lag_limit_s: float = Field(
+        0.05, gt=0.0, le=10.0, description="mean wake-up lateness above which the loop lags"
+    )
+    status_interval_s: float = Field(1.0, gt=0.0, le=3600.0)
+
+
+class CanConfig(StrictModel):
+    interface: str = Field("virtual", min_length=1)
+    channel: str = Field("pybms0", min_length=1)
+    dbc_file: ExistingPath
+    receive_buffer_bytes: int = Field(4 * 1024 * 1024, ge=65536, le=256 * 1024 * 1024)
+
+
+class ControlConfig(StrictModel):
+    close_on_start: bool = Field(description="close the contactors as soon as all is healthy")
+    precharge_ratio: float = Field(0.95, gt=0.5, lt=1.0)
+    precharge_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
+    feedback_timeout_s: float = Field(0.3, gt=0.0, le=10.0)
+
+
+class SocConfig(StrictModel):
+    rest_current_a: float = Field(0.5, ge=0.0, le=1000.0)
+    rest_time_s: float = Field(1800.0, gt=0.0, le=86400.0)
+
+
+class ProtectionConfig(StrictModel):
+    cell_voltage_max_v: float = Field(gt=0.0, le=6.0)
+    cell_voltage_min_v: float = Field(gt=0.0, le=6.0)
+    temp_max_c: float = Field(ge=-60.0, le=150.0)
+    temp_min_c: float = Field(ge=-60.0, le=150.0)
+    charge_current_max_a: float = Field(gt=0.0, le=10000.0)
+    discharge_current_max_a: float = Field(gt=0.0, le=10000.0)
+    short_circuit_current_a: float = Field(gt=0.0, le=100000.0)
+    pack_voltage_tolerance_v: float = Field(gt=0.0, le=100.0)
+    stuck_cycles: int = Field(50, ge=2, le=100000)
+    stuck_min_current_a: float = Field(1.0, ge=0.0, le=10000.0)
+    fault_debounce_cycles: int = Field(3, ge=1, le=1000)
+    open_delay_s: float = Field(0.5, ge=0.0, le=60.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProtectionConfig:
+        if self.cell_voltage_min_v >= self.cell_voltage_max_v:
+            raise ValueError("cell_voltage_min_v must be below cell_voltage_max_v")
+        if self.temp_min_c >= self.temp_max_c:
+            raise ValueError("temp_min_c must be below temp_max_c")
+        if self.short_circuit_current_a <= self.discharge_current_max_a:
+            raise ValueError("short_circuit_current_a must be above discharge_current_max_a")
+        return self
+
+
+class BackendSection(BaseModel):
+    """A section that names its backend; the rest is checked by that backend's options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    backend: str = Field(min_length=1)
+
+
+class FileConfig(StrictModel):
+    """The schema of a config file, before the backend sections are resolved."""
+
+    pack: PackConfig
+    loop: LoopConfig = LoopConfig()
+    can: CanConfig | None = None
+    frontend: BackendSection
+    contactors: BackendSection
+    publisher: BackendSection | None = None
+    control: ControlConfig
+    soc: SocConfig = SocConfig()
+    protection: ProtectionConfig
+    sim: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """A backend picked by name, with its validated options."""
+
+    name: str
+    cls: type
+    options: BaseModel
+
+
+@dataclass(frozen=True)
+class BmsConfig:
+    """A validated configuration, with each backend resolved to its class."""
+
+    source: Path
+    pack: PackConfig
+    loop: LoopConfig
+    can: CanConfig | None
+    control: ControlConfig
+    soc: SocConfig
+    protection: ProtectionConfig
+    frontend: BackendChoice
+    contactors: BackendChoice
+    publisher: BackendChoice | None
+    sim: BackendChoice | None
+
+    def summary(self) -> dict[str, Any]:
+        """The resolved config as plain data, for ``bms check-config``."""
+        resolved: dict[str, Any] = {"source": str(self.source)}
+        for name in ("pack", "loop", "can", "control", "soc", "protection"):
+            section = getattr(self, name)
+            if section is not None:
+                resolved[name] = section.model_dump(mode="json")
+        for name in ("frontend", "contactors", "publisher", "sim"):
+            choice = getattr(self, name)
+            if choice is not None:
+                resolved[name] = {"backend": choice.name, **choice.options.model_dump(mode="json")}
+        return resolved
+
+
+SIM_BACKEND = "pack"
+"""The one simulator registered in ``bms.simulators``; ``[sim]`` configures it."""
+
+
+def load_config(path: str | Path) -> BmsConfig:
+    """Read, validate and resolve a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    context = {"base_dir": path.parent.resolve()}
+    try:
+        parsed = FileConfig.model_validate(raw, context=context)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, FileConfig, exc, ())) from None
+
+    problems: list[str] = []
+    choices: dict[str, BackendChoice | None] = {}
+    sections = {
+        "frontend": ("bms.frontends", parsed.frontend),
+        "contactors": ("bms.contactors", parsed.contactors),
+        "publisher": ("bms.publishers", parsed.publisher),
+    }
+    for section, (group, raw_section) in sections.items():
+        if raw_section is None:
+            choices[section] = None
+            continue
+        options = dict(raw_section.model_extra or {})
+        choices[section] = _choose(
+            path, section, group, raw_section.backend, options, context, problems
+        )
+    choices["sim"] = None
+    if parsed.sim is not None:
+        choices["sim"] = _choose(
+            path, "sim", "bms.simulators", SIM_BACKEND, dict(parsed.sim), context, problems
+        )
+    if problems:
+        raise ConfigError(problems)
+    return BmsConfig(
+        source=path.resolve(),
+        pack=parsed.pack,
+        loop=parsed.loop,
+        can=parsed.can,
+        control=parsed.control,
+        soc=parsed.soc,
+        protection=parsed.protection,
+        frontend=choices["frontend"],
+        contactors=choices["contactors"],
+        publisher=choices["publisher"],
+        sim=choices["sim"],
+    )
+
+
+def _choose(
+    path: Path,
+    section: str,
+    group: str,
+    name: str,
+    options: dict[str, Any],
+    context: dict[str, Any],
+    problems: list[str],
+) -> BackendChoice | None:
+    try:
+        cls = backends.load(group, name)
+    except backends.UnknownBackendError as exc:
+        hint = _suggest(name, exc.known)
+        problems.append(
+            f"{path}: [{section}] backend: unknown backend {name!r}{hint}; "
+            f"known: {', '.join(exc.known) or 'none installed'}"
+        )
+        return None
+    try:
+        validated = cls.Options.model_validate(options, context=context)
+    except ValidationError as exc:
+        problems.extend(_describe(path, cls.Options, exc, (section,)))
+        return None
+    return BackendChoice(name=name, cls=cls, options=validated)
+
+
+def _describe(
+    path: Path, model: type[BaseModel], exc: ValidationError, prefix: tuple[str, ...]
+) -> list[str]:
+    """Turn pydantic's errors into one line each: file, section, option, what is wrong."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(str(part) for part in error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            names = _field_names_at(model, loc[:-1])
+            message = "unknown option" + _suggest(loc[-1], names)
+        elif kind == "missing":
+            message = "required option is missing"
+        else:
+            message = error["msg"]
+            if "input" in error and not isinstance(error["input"], dict):
+                message += f" (got {error['input']!r})"
+        lines.append(f"{path}: {_where(prefix + loc)}: {message}")
+    return lines
+
+
+def _where(loc: tuple[str, ...]) -> str:
+    if not loc:
+        return "(top level)"
+    if len(loc) == 1:
+        return f"[{loc[0]}]" if loc[0] in FileConfig.model_fields else loc[0]
+    section = ".".join(part for part in loc[:-1] if not part.isdigit())
+    return f"[{section}] {loc[-1]}"
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _field_names_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The option names valid at ``loc`` inside ``model``, for near-match suggestions."""
+    current: Any = model
+    for part in loc:
+        if part.isdigit():
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,1 @@
+"""State estimation: pure functions and small stateful wrappers, no I/O."""

@@ -1,0 +1,211 @@
+"""The rate keeper and the cycle.
+
+The rate keeper (openpilot ``common/realtime.py``, ros2_control's sleep policy) wakes the loop on
+the monotonic clock, passes on the *measured* dt, re-phases after an overrun instead of bursting
+to catch up, counts the missed cycles, and reports sustained lateness as ``lagging``.
+
+The cycle runs the stages of DESIGN.md in order: read, validate, estimate, protect, actuate,
+publish. Nothing raises past a cycle: a stage that fails becomes the ``internal_error`` or
+``frontend_error`` fault, and the contactors open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bms.backends import ContactorDriver, FrontEnd, Publisher
+from bms.config import BmsConfig
+from bms.estimation.cell_params import CellParams
+from bms.estimation.coulomb import CoulombCounter
+from bms.protection.contactors import ContactorStateMachine
+from bms.protection.diagnosis import FAULTS, Diagnosis
+from bms.protection.plausibility import StuckDetector, measurement_conditions
+from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, PackStatus
+
+log = logging.getLogger(__name__)
+
+LAG_AVERAGE_S = 1.0
+"""Time constant of the lateness average that decides ``lagging``."""
+
+
+class RateKeeper:
+    """Keeps a fixed period on an injectable monotonic clock."""
+
+    def __init__(
+        self,
+        period_s: float,
+        lag_limit_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.period_s = period_s
+        self.lag_limit_s = lag_limit_s
+        self.clock = clock
+        self.sleep = sleep
+        self.missed_cycles = 0
+        self.lateness_avg_s = 0.0
+        self._alpha = min(1.0, period_s / LAG_AVERAGE_S)
+        self._next_s = clock()
+        self._last_wake_s: float | None = None
+
+    @property
+    def lagging(self) -> bool:
+        return self.lateness_avg_s > self.lag_limit_s
+
+    def wait(self) -> tuple[float, float]:
+        """Sleep until the next deadline; return (wake-up time, measured dt since last wake).
+
+        The first call returns dt = 0. If the deadline was missed by a whole period or more,
+        the schedule restarts from now and the skipped cycles are counted, not run.
+        """
+        remaining = self._next_s - self.clock()
+        if remaining > 0.0:
+            self.sleep(remaining)
+        now = self.clock()
+        lateness = max(0.0, now - self._next_s)
+        self.lateness_avg_s += self._alpha * (lateness - self.lateness_avg_s)
+        if lateness >= self.period_s:
+            self.missed_cycles += int(lateness // self.period_s)
+            self._next_s = now + self.period_s
+        else:
+            self._next_s += self.period_s
+        dt = 0.0 if self._last_wake_s is None else now - self._last_wake_s
+        self._last_wake_s = now
+        return now, dt
+
+
+@dataclass(slots=True)
+class CycleTiming:
+    """Cycle compute times over one status interval, and lateness."""
+
+    count: int = 0
+    total_s: float = 0.0
+    worst_s: float = 0.0
+
+    def add(self, compute_s: float) -> None:
+        self.count += 1
+        self.total_s += compute_s
+        self.worst_s = max(self.worst_s, compute_s)
+
+    @property
+    def mean_s(self) -> float:
+        return self.total_s / self.count if self.count else 0.0
+
+
+class ControlCycle:
+    """One cycle of the BMS, with the state that persists between cycles."""
+
+    def __init__(
+        self,
+        config: BmsConfig,
+        cell: CellParams,
+        frontend: FrontEnd,
+        contactors: ContactorDriver,
+        publisher: Publisher | None,
+    ):
+        self.config = config
+        self.frontend = frontend
+        self.contactors = contactors
+        self.publisher = publisher
+        n_cells = config.pack.n_cells
+        protection = config.protection
+        self.estimator = CoulombCounter(
+            cell, n_cells, config.soc.rest_current_a, config.soc.rest_time_s
+        )
+        self.stuck = StuckDetector(n_cells, protection.stuck_cycles, protection.stuck_min_current_a)
+        self.diagnosis = Diagnosis(protection.fault_debounce_cycles, protection.open_delay_s)
+        self.fsm = ContactorStateMachine(config.control)
+        self.close_requested = config.control.close_on_start
+        self._empty = Measurement(
+            t_s=0.0,
+            cell_voltage_v=np.full(n_cells, np.nan),
+            cell_temp_c=np.full(config.pack.n_temp_sensors, np.nan),
+            current_a=math.nan,
+            pack_voltage_v=math.nan,
+            link_voltage_v=math.nan,
+        )
+
+    def run(self, t_s: float, dt_s: float, lagging: bool) -> PackStatus:
+        """Run the six stages once at time ``t_s`` with the measured ``dt_s``."""
+        conditions: dict[str, bool] = {"loop_lag": lagging}
+
+        # 1. read
+        try:
+            m = self.frontend.read(t_s)
+            feedback = self.contactors.feedback(t_s)
+        except Exception:
+            log.exception("front-end read failed")
+            conditions["frontend_error"] = True
+            m = self._empty
+            feedback = ContactorFeedback(ALL_OPEN, valid=False)
+        conditions["contactor_feedback_invalid"] = not feedback.valid
+
+        try:
+            # 2. validate
+            stuck = self.stuck.update(m.cell_voltage_v, m.current_a)
+            conditions.update(measurement_conditions(m, self.config.protection, stuck))
+            # 3. estimate
+            soc = self.estimator.step(m.current_a, m.cell_voltage_v, dt_s)
+            # 4. protect
+            conditions.update(dict.fromkeys(self.fsm.faults, True))
+        except Exception:
+            log.exception("validate/estimate stage failed")
+            conditions["internal_error"] = True
+            soc = self.estimator.soc
+        verdict = self.diagnosis.update(conditions, dt_s)
+        out = self.fsm.step(
+            t_s,
+            close_requested=self.close_requested,
+            open_now=verdict.open_now,
+            no_close=verdict.no_close,
+            feedback=feedback,
+            pack_voltage_v=m.pack_voltage_v,
+            link_voltage_v=m.link_voltage_v,
+        )
+        for fault_id in verdict.newly_latched:
+            log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
+        # The walking skeleton derates only to all-or-nothing: full limits while closed and
+        # healthy, zero otherwise. The protection issue adds graded derating.
+        healthy = out.state is ContactorState.CLOSED and not verdict.active
+        limits = self.config.protection
+        status = PackStatus(
+            t_s=t_s,
+            contactors=out.state,
+            soc=soc,
+            measurement=m,
+            active_faults=verdict.active,
+            latched_faults=verdict.latched,
+            charge_limit_a=limits.charge_current_max_a if healthy else 0.0,
+            discharge_limit_a=limits.discharge_current_max_a if healthy else 0.0,
+        )
+
+        # 5. actuate (also the dead-man refresh of the contactor box)
+        self.contactors.command(out.command)
+        # 6. publish
+        if self.publisher is not None:
+            try:
+                self.publisher.publish(status)
+            except Exception:
+                log.exception("publish failed")
+        return status
+
+    def open_and_wait(self, clock: Callable[[], float], timeout_s: float) -> bool:
+        """Command everything open and wait (refreshing) until the feedback confirms it.
+
+        Used on shutdown; returns True when the feedback shows every relay open in time.
+        """
+        deadline = clock() + timeout_s
+        while True:
+            self.contactors.command(ALL_OPEN)
+            feedback = self.contactors.feedback(clock())
+            if feedback.valid and not feedback.relays.any_closed:
+                return True
+            if clock() >= deadline:
+                return False
+            time.sleep(min(0.01, self.config.loop.period_s))

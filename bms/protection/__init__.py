@@ -1,0 +1,1 @@
+"""Protection: pure decisions from measurements and estimates (no I/O, no clock)."""

@@ -1,0 +1,135 @@
+"""The contactor state machine: open → precharge → closed → opening, and fault.
+
+Pure: it takes the time, the wish to close, the diagnosis verdict, the relay feedback and the
+two voltages, and returns the relay command. Precharge (foxBMS ``bms.h``): close the negative
+contactor and the precharge relay, wait until the DC link reaches ``precharge_ratio`` of the
+pack voltage (within ``precharge_timeout_s``), close the positive contactor, then open the
+precharge relay. Opening opens everything and watches the feedback: a contactor still closed
+after ``feedback_timeout_s`` is a weld. The faults it finds are reported every cycle after
+they are found, so the diagnosis table debounces and latches them like any other.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from bms.config import ControlConfig
+from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, RelayStates
+
+PRECHARGING = RelayStates(negative=True, precharge=True, positive=False)
+BRIDGING = RelayStates(negative=True, precharge=True, positive=True)
+CLOSED = RelayStates(negative=True, precharge=False, positive=True)
+
+
+class _Step(enum.Enum):
+    """Sub-steps of PRECHARGE: charging the link, then closing the positive contactor."""
+
+    CHARGE_LINK = 1
+    CLOSE_POSITIVE = 2
+    OPEN_PRECHARGE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ContactorOutput:
+    state: ContactorState
+    command: RelayStates
+    faults: frozenset[str]
+
+
+class ContactorStateMachine:
+    """One instance per contactor box; call :meth:`step` once per cycle."""
+
+    def __init__(self, config: ControlConfig):
+        self.config = config
+        self.state = ContactorState.OPEN
+        self.command = ALL_OPEN
+        self.faults: set[str] = set()
+        self._step = _Step.CHARGE_LINK
+        self._since_s = 0.0
+
+    def step(
+        self,
+        t_s: float,
+        close_requested: bool,
+        open_now: bool,
+        no_close: bool,
+        feedback: ContactorFeedback,
+        pack_voltage_v: float,
+        link_voltage_v: float,
+    ) -> ContactorOutput:
+        """Advance one cycle and return the state and the relay command for this cycle."""
+        in_state_s = t_s - self._since_s
+        follows = feedback.valid and feedback.relays == self.command
+        settled = follows or in_state_s < self.config.feedback_timeout_s
+        # Invalid feedback is the diagnosis table's concern (contactor_feedback_invalid); here
+        # it only stops the machine from confirming anything.
+        state = self.state
+
+        if state is ContactorState.OPEN:
+            if (
+                feedback.valid
+                and feedback.relays.any_closed
+                and in_state_s >= self.config.feedback_timeout_s
+            ):
+                # Nothing was commanded closed: a closed contact here is welded (or wired wrong).
+                self.faults.add("contactor_weld")
+                self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
+            elif open_now:
+                self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
+            elif close_requested and not no_close and feedback.valid and follows:
+                self._step = _Step.CHARGE_LINK
+                self._enter(ContactorState.PRECHARGE, t_s, PRECHARGING)
+
+        elif state is ContactorState.PRECHARGE:
+            if open_now or not close_requested:
+                self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
+            elif not settled:
+                self.faults.add("contactor_feedback_mismatch")
+                self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
+            elif self._step is _Step.CHARGE_LINK:
+                if _reached(link_voltage_v, pack_voltage_v, self.config.precharge_ratio):
+                    self._step = _Step.CLOSE_POSITIVE
+                    self._enter(ContactorState.PRECHARGE, t_s, BRIDGING)
+                elif in_state_s >= self.config.precharge_timeout_s:
+                    self.faults.add("precharge_failed")
+                    self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
+            elif follows:
+                if self._step is _Step.CLOSE_POSITIVE:
+                    self._step = _Step.OPEN_PRECHARGE
+                    self._enter(ContactorState.PRECHARGE, t_s, CLOSED)
+                else:
+                    self._enter(ContactorState.CLOSED, t_s, CLOSED)
+
+        elif state is ContactorState.CLOSED:
+            if open_now or not close_requested:
+                self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
+            elif feedback.valid and not follows:
+                self.faults.add("contactor_feedback_mismatch")
+                self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
+
+        elif state is ContactorState.OPENING:
+            if feedback.valid and not feedback.relays.any_closed:
+                latched = open_now or bool(self.faults)
+                self._enter(ContactorState.FAULT if latched else ContactorState.OPEN, t_s, ALL_OPEN)
+            elif in_state_s >= self.config.feedback_timeout_s:
+                if feedback.valid:
+                    self.faults.add("contactor_weld")
+                self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
+
+        elif state is ContactorState.FAULT and feedback.valid and feedback.relays.any_closed:
+            self.faults.add("contactor_weld")
+
+        return ContactorOutput(self.state, self.command, frozenset(self.faults))
+
+    def _enter(self, state: ContactorState, t_s: float, command: RelayStates) -> None:
+        self.state = state
+        self.command = command
+        self._since_s = t_s
+
+
+def _reached(link_voltage_v: float, pack_voltage_v: float, ratio: float) -> bool:
+    if math.isnan(link_voltage_v) or math.isnan(pack_voltage_v) or pack_voltage_v <= 0.0:
+        return False
+    return link_voltage_v >= ratio * pack_voltage_v

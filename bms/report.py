@@ -1,0 +1,96 @@
+"""What a person or a tool reads of a cycle: the status record, its JSON and its console line.
+
+The JSON field names are an interface (tests, the HIL rig and other tools read them); add
+fields freely, rename none. Cell numbers count from 1 here, since a person reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from bms.types import PackStatus
+
+
+def _extreme(values: np.ndarray, pick) -> tuple[float, int | None]:
+    """(value, cell number counting from 1) of the NaN-ignoring extreme, or (NaN, None)."""
+    if values.size == 0 or np.isnan(values).all():
+        return math.nan, None
+    index = int(pick(values))
+    return float(values[index]), index + 1
+
+
+def pack_summary(status: PackStatus) -> dict[str, Any]:
+    """SOC, cell-voltage and temperature extremes of one status; NaN where nothing is valid."""
+    m = status.measurement
+    soc = status.soc
+    v_min, v_min_cell = _extreme(m.cell_voltage_v, np.nanargmin)
+    v_max, v_max_cell = _extreme(m.cell_voltage_v, np.nanargmax)
+    t_min, _ = _extreme(m.cell_temp_c, np.nanargmin)
+    t_max, _ = _extreme(m.cell_temp_c, np.nanargmax)
+    any_soc = not np.isnan(soc).all()
+    return {
+        "soc_min": float(np.nanmin(soc)) if any_soc else math.nan,
+        "soc_mean": float(np.nanmean(soc)) if any_soc else math.nan,
+        "soc_max": float(np.nanmax(soc)) if any_soc else math.nan,
+        "cell_voltage_min_v": v_min,
+        "cell_voltage_min_cell": v_min_cell,
+        "cell_voltage_max_v": v_max,
+        "cell_voltage_max_cell": v_max_cell,
+        "temp_min_c": t_min,
+        "temp_max_c": t_max,
+    }
+
+
+def status_record(
+    status: PackStatus, cycle_time_mean_s: float, cycle_time_max_s: float, missed_cycles: int
+) -> dict[str, Any]:
+    """The status as plain data, for ``--status-format json`` and the console line."""
+    m = status.measurement
+    return {
+        "t_s": round(status.t_s, 3),
+        "contactors": status.contactors.value,
+        **pack_summary(status),
+        "current_a": m.current_a,
+        "pack_voltage_v": m.pack_voltage_v,
+        "link_voltage_v": m.link_voltage_v,
+        "charge_limit_a": status.charge_limit_a,
+        "discharge_limit_a": status.discharge_limit_a,
+        "faults": list(status.active_faults),
+        "latched": list(status.latched_faults),
+        "stale": list(m.stale_groups),
+        "cycle_time_mean_s": cycle_time_mean_s,
+        "cycle_time_max_s": cycle_time_max_s,
+        "missed_cycles": missed_cycles,
+    }
+
+
+def to_json(record: dict[str, Any]) -> str:
+    """One line of JSON; NaN (not valid JSON) becomes null."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+    return json.dumps(clean, separators=(",", ":"))
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "--" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def to_line(r: dict[str, Any]) -> str:
+    """The human console line."""
+    faults = ",".join(r["faults"]) or "-"
+    latched = ",".join(r["latched"]) or "-"
+    return (
+        f"t={r['t_s']:7.1f}s "
+        f"SOC {_num(r['soc_min'] * 100, '.1f')}/{_num(r['soc_mean'] * 100, '.1f')}/"
+        f"{_num(r['soc_max'] * 100, '.1f')}% | "
+        f"V {_num(r['cell_voltage_min_v'], '.3f')} (c{r['cell_voltage_min_cell'] or '-'})"
+        f"..{_num(r['cell_voltage_max_v'], '.3f')} (c{r['cell_voltage_max_cell'] or '-'}) | "
+        f"I {_num(r['current_a'], '+.2f')} A | "
+        f"T {_num(r['temp_min_c'], '.1f')}..{_num(r['temp_max_c'], '.1f')} C | "
+        f"{r['contactors']:<9} | faults {faults} | latched {latched} | "
+        f"cycle {r['cycle_time_mean_s'] * 1e3:.2f}/{r['cycle_time_max_s'] * 1e3:.2f} ms "
+        f"missed {r['missed_cycles']}"
+    )

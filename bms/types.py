@@ -1,0 +1,79 @@
+"""Samples and states passed between the stages of the cycle.
+
+Units are in every name; current is positive when charging; cells are indexed from 0.
+A value that is missing, late or implausible is NaN, never a silently replaced number.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class Measurement:
+    """One timestamped sample from the front-end.
+
+    ``cell_voltage_v``: (n_cells,), ``cell_temp_c``: (n_temp_sensors,). NaN marks an invalid
+    or stale value. ``stale_groups`` names the signal groups older than their timeout.
+    """
+
+    t_s: float
+    cell_voltage_v: np.ndarray
+    cell_temp_c: np.ndarray
+    current_a: float
+    pack_voltage_v: float
+    link_voltage_v: float
+    stale_groups: tuple[str, ...] = ()
+    frame_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStates:
+    """The three relays of the contactor box: negative, precharge and positive (True = closed)."""
+
+    negative: bool = False
+    precharge: bool = False
+    positive: bool = False
+
+    @property
+    def any_closed(self) -> bool:
+        return self.negative or self.precharge or self.positive
+
+
+ALL_OPEN = RelayStates()
+
+
+@dataclass(frozen=True, slots=True)
+class ContactorFeedback:
+    """Auxiliary-contact feedback; ``valid`` is False when the feedback is missing or stale."""
+
+    relays: RelayStates
+    valid: bool
+
+
+class ContactorState(enum.Enum):
+    """States of the contactor state machine; the values are what status output shows."""
+
+    OPEN = "open"
+    PRECHARGE = "precharge"
+    CLOSED = "closed"
+    OPENING = "opening"
+    FAULT = "fault"
+
+
+@dataclass(slots=True)
+class PackStatus:
+    """What one cycle concluded: the published picture of the pack."""
+
+    t_s: float
+    contactors: ContactorState
+    soc: np.ndarray
+    measurement: Measurement
+    active_faults: tuple[str, ...]
+    latched_faults: tuple[str, ...]
+    charge_limit_a: float
+    discharge_limit_a: float
+    extra: dict[str, float] = field(default_factory=dict)

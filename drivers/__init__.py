@@ -1,0 +1,1 @@
+"""Concrete backends: each imports its hardware library lazily, inside the backend."""

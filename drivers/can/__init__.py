@@ -1,0 +1,1 @@
+"""CAN backends: front-end, contactor box and status publisher over one shared python-can bus."""

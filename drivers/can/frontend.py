@@ -1,0 +1,148 @@
+"""A cell-monitoring front-end on CAN, decoded through the DBC.
+
+Signals follow one naming rule, checked against the DBC when the backend opens: cell ``i``
+(counting from 0) is ``Cell{i+1}_Voltage`` with its flag ``Cell{i+1}_VoltageInvalid``,
+temperature sensor ``j`` is ``Temp{j+1}`` with ``Temp{j+1}_Invalid``, and the pack message
+carries ``PackCurrent``, ``PackVoltage`` and ``LinkVoltage``. Every value keeps the time it was
+received; one older than its group's timeout is NaN and its group is reported stale.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from pydantic import Field
+
+from bms.backends import FrontEnd
+from bms.config import BmsConfig, StrictModel
+from bms.protection.plausibility import CELL_VOLTAGE_GROUP, PACK_GROUP, TEMPERATURE_GROUP
+from bms.types import Measurement
+from drivers.can.link import CanLink
+
+log = logging.getLogger(__name__)
+
+
+class CanFrontEndOptions(StrictModel):
+    cell_voltage_message: str = "CMU_CellVoltages"
+    temperature_message: str = "CMU_CellTemperatures"
+    pack_message: str = "CMU_PackMeasurements"
+    cell_voltage_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
+    temperature_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
+    pack_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
+
+
+class _Group:
+    """Values of one signal group with the time each was last received."""
+
+    def __init__(self, names: list[str], invalid_names: list[str | None], timeout_s: float):
+        self.index = {name: i for i, name in enumerate(names)}
+        self.invalid_index = {name: i for i, name in enumerate(invalid_names) if name}
+        self.values = np.full(len(names), np.nan)
+        self.rx_t_s = np.full(len(names), -np.inf)
+        self.timeout_s = timeout_s
+
+    def update(self, t_s: float, decoded: dict[str, float]) -> None:
+        for name, value in decoded.items():
+            i = self.index.get(name)
+            if i is not None:
+                self.values[i] = value
+                self.rx_t_s[i] = t_s
+        for name, i in self.invalid_index.items():
+            if decoded.get(name, 0) == 1:  # NaN flag (not available) reads as "not invalid"
+                self.values[i] = np.nan
+
+    def read(self, t_s: float) -> tuple[np.ndarray, bool]:
+        """Return (values with stale ones as NaN, whether any is stale)."""
+        stale = (t_s - self.rx_t_s) > self.timeout_s
+        return np.where(stale, np.nan, self.values), bool(stale.any())
+
+
+class CanFrontEnd(FrontEnd):
+    """Reads cell voltages, temperatures and pack measurements from CAN frames."""
+
+    Options = CanFrontEndOptions
+
+    def __init__(self, config: BmsConfig, options: CanFrontEndOptions):
+        n_cells = config.pack.n_cells
+        n_temps = config.pack.n_temp_sensors
+        cells = [f"Cell{i + 1}_Voltage" for i in range(n_cells)]
+        cell_flags = [f"Cell{i + 1}_VoltageInvalid" for i in range(n_cells)]
+        temps = [f"Temp{j + 1}" for j in range(n_temps)]
+        temp_flags = [f"Temp{j + 1}_Invalid" for j in range(n_temps)]
+        pack = ["PackCurrent", "PackVoltage", "LinkVoltage"]
+        self.link = CanLink.acquire(config)
+        try:
+            codec = self.link.codec
+            messages = [
+                (
+                    codec.message(options.cell_voltage_message, cells + cell_flags),
+                    _Group(cells, cell_flags, options.cell_voltage_timeout_s),
+                ),
+                (
+                    codec.message(options.temperature_message, temps + temp_flags),
+                    _Group(temps, temp_flags, options.temperature_timeout_s),
+                ),
+                (
+                    codec.message(options.pack_message, pack),
+                    _Group(pack, [None] * 3, options.pack_timeout_s),
+                ),
+            ]
+        except Exception:
+            self.link.release()
+            raise
+        self.cells, self.temps, self.pack = (group for _, group in messages)
+        self.frame_errors = 0
+        for message, group in messages:
+            self.link.subscribe(message.frame_id, self._handler(message, group))
+
+    def _handler(self, message, group: _Group):
+        codec = self.link.codec
+
+        def handle(t_s: float, data: bytes) -> None:
+            try:
+                decoded = codec.decode(message, data)
+            except Exception as exc:  # cantools raises several types for malformed frames
+                self.frame_errors += 1
+                if self.frame_errors == 1 or self.frame_errors % 1000 == 0:
+                    log.warning(
+                        "malformed %s frame %s (%d so far): %s",
+                        message.name,
+                        data.hex(),
+                        self.frame_errors,
+                        exc,
+                    )
+                return
+            group.update(t_s, decoded)
+
+        return handle
+
+    def read(self, t_s: float) -> Measurement:
+        self.link.poll(t_s)
+        cell_voltage_v, cells_stale = self.cells.read(t_s)
+        cell_temp_c, temps_stale = self.temps.read(t_s)
+        (current_a, pack_voltage_v, link_voltage_v), pack_stale = self.pack.read(t_s)
+        stale = tuple(
+            name
+            for name, is_stale in (
+                (CELL_VOLTAGE_GROUP, cells_stale),
+                (TEMPERATURE_GROUP, temps_stale),
+                (PACK_GROUP, pack_stale),
+            )
+            if is_stale
+        )
+        return Measurement(
+            t_s=t_s,
+            cell_voltage_v=cell_voltage_v,
+            cell_temp_c=cell_temp_c,
+            current_a=float(current_a),
+            pack_voltage_v=float(pack_voltage_v),
+            link_voltage_v=float(link_voltage_v),
+            stale_groups=stale,
+            frame_errors=self.frame_errors,
+        )
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.release()
+            self.link = None

@@ -1,0 +1,259 @@
+"""The simulated pack as nodes on the CAN bus: a cell-monitoring unit (CMU) that sends
+measurements and a contactor box (PDU) that obeys relay commands and reports feedback.
+
+It runs in its own thread at its own rate, with its own bus handle, so the BMS reads it through
+exactly the code it uses for real hardware. The contactor box opens every relay when the
+BMS's command frames stop for ``deadman_timeout_s`` (the hardware dead-man).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from bms.backends import Simulator
+from bms.comms.dbc import DbcCodec
+from bms.config import BmsConfig, ExistingPath, StrictModel
+from bms.estimation.cell_params import load_cell_params
+from bms.loop import RateKeeper
+from bms.types import ALL_OPEN, RelayStates
+from drivers.can.contactors import RELAY_SIGNALS, relay_signals, relays_from_signals
+from drivers.can.link import open_bus, send_message
+from drivers.sim import load
+from drivers.sim.faults import FAULT_KINDS, Injection, make_injection, parse_injection
+from drivers.sim.plant import PackPlant, PlantPhysics, PlantSpread
+
+log = logging.getLogger(__name__)
+
+VOLTAGE_GROUP_SIZE = 4
+TEMP_GROUP_SIZE = 6
+
+
+class LoadOptions(StrictModel):
+    profile: Literal["constant", "pulse", "drive_cycle"] = "drive_cycle"
+    current_a: float = Field(-5.0, ge=-10000.0, le=10000.0)
+    pulse_period_s: float = Field(10.0, gt=0.0, le=86400.0)
+    pulse_duty: float = Field(0.5, ge=0.0, le=1.0)
+    drive_cycle_file: ExistingPath | None = None
+    drive_cycle_scale: float = Field(1.0, ge=-1000.0, le=1000.0)
+
+    @model_validator(mode="after")
+    def _file_for_drive_cycle(self) -> LoadOptions:
+        if self.profile == "drive_cycle" and self.drive_cycle_file is None:
+            raise ValueError("profile 'drive_cycle' needs drive_cycle_file")
+        return self
+
+
+class FaultOptions(StrictModel):
+    kind: Literal[tuple(FAULT_KINDS)]  # type: ignore[valid-type]
+    at_s: float = Field(ge=0.0)
+    cell: int | None = Field(None, ge=1, description="cell number, counting from 1")
+
+
+class SimOptions(StrictModel):
+    seed: int = 1
+    tx_period_s: float = Field(0.1, ge=0.001, le=10.0)
+    deadman_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
+    ambient_temp_c: float = Field(25.0, ge=-60.0, le=100.0)
+    initial_soc: float = Field(0.6, ge=0.0, le=1.0)
+    initial_soc_spread: float = Field(0.01, ge=0.0, le=0.5)
+    capacity_spread: float = Field(0.02, ge=0.0, le=0.5)
+    resistance_spread: float = Field(0.05, ge=0.0, le=0.5)
+    voltage_noise_v: float = Field(0.0005, ge=0.0, le=1.0)
+    voltage_offset_v: float = Field(0.001, ge=0.0, le=1.0)
+    current_noise_a: float = Field(0.02, ge=0.0, le=100.0)
+    current_offset_a: float = Field(0.05, ge=0.0, le=100.0)
+    temp_noise_c: float = Field(0.2, ge=0.0, le=10.0)
+    heat_capacity_j_per_k: float = Field(70.0, gt=0.0, le=1e6)
+    cooling_w_per_k: float = Field(0.1, ge=0.0, le=1e4)
+    overtemp_heat_w: float = Field(200.0, ge=0.0, le=1e6)
+    precharge_resistance_ohm: float = Field(50.0, gt=0.0, le=1e6)
+    link_capacitance_f: float = Field(0.004, gt=0.0, le=10.0)
+    short_resistance_ohm: float = Field(0.02, gt=0.0, le=1e3)
+    load: LoadOptions = LoadOptions(profile="constant")
+    faults: list[FaultOptions] = Field(default_factory=list)
+
+
+def _load_profile(options: LoadOptions):
+    if options.profile == "constant":
+        return load.constant(options.current_a)
+    if options.profile == "pulse":
+        return load.pulse(options.current_a, options.pulse_period_s, options.pulse_duty)
+    return load.drive_cycle(options.drive_cycle_file, options.drive_cycle_scale)
+
+
+class SimulatedPack(Simulator):
+    """The plant, its load and its fault schedule, on a thread of its own."""
+
+    Options = SimOptions
+    FAULT_KINDS = FAULT_KINDS
+
+    def __init__(self, config: BmsConfig, options: SimOptions, injections: list[str]):
+        if config.can is None:
+            raise ValueError(f"{config.source}: the simulated pack needs a [can] section")
+        n_cells = config.pack.n_cells
+        self.schedule: list[Injection] = sorted(
+            [make_injection(f.kind, f.at_s, f.cell, n_cells) for f in options.faults]
+            + [parse_injection(text, n_cells) for text in injections],
+            key=lambda injection: injection.at_s,
+        )
+        self.options = options
+        self.load = _load_profile(options.load)
+        self.plant = PackPlant(
+            load_cell_params(config.pack.cell_params),
+            n_cells,
+            config.pack.n_temp_sensors,
+            PlantSpread(
+                initial_soc=options.initial_soc,
+                initial_soc_spread=options.initial_soc_spread,
+                capacity_spread=options.capacity_spread,
+                resistance_spread=options.resistance_spread,
+                voltage_noise_v=options.voltage_noise_v,
+                voltage_offset_v=options.voltage_offset_v,
+                current_noise_a=options.current_noise_a,
+                current_offset_a=options.current_offset_a,
+                temp_noise_c=options.temp_noise_c,
+            ),
+            PlantPhysics(
+                ambient_temp_c=options.ambient_temp_c,
+                heat_capacity_j_per_k=options.heat_capacity_j_per_k,
+                cooling_w_per_k=options.cooling_w_per_k,
+                overtemp_heat_w=options.overtemp_heat_w,
+                precharge_resistance_ohm=options.precharge_resistance_ohm,
+                link_capacitance_f=options.link_capacitance_f,
+                short_resistance_ohm=options.short_resistance_ohm,
+            ),
+            np.random.default_rng(options.seed),
+        )
+        codec = DbcCodec(config.can.dbc_file)
+        self.codec = codec
+        self.voltages = codec.message("CMU_CellVoltages")
+        self.temperatures = codec.message("CMU_CellTemperatures")
+        self.pack = codec.message("CMU_PackMeasurements")
+        self.command_message = codec.message("BMS_ContactorCommand", RELAY_SIGNALS)
+        self.feedback_message = codec.message("PDU_ContactorFeedback", RELAY_SIGNALS)
+        self.can_config = config.can
+        self.silenced = False
+        self._command = ALL_OPEN
+        self._command_t_s = -math.inf
+        self._counter = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bus = None
+
+    def start(self) -> None:
+        self._bus = open_bus(self.can_config)
+        self._thread = threading.Thread(target=self._run, name="sim-pack", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._bus is not None:
+            self._bus.shutdown()
+            self._bus = None
+
+    def _run(self) -> None:
+        rate = RateKeeper(self.options.tx_period_s, lag_limit_s=math.inf)
+        start_s, _ = rate.wait()
+        pending = list(self.schedule)
+        try:
+            while not self._stop.is_set():
+                now_s, dt_s = rate.wait()
+                t_s = now_s - start_s
+                while pending and pending[0].at_s <= t_s:
+                    self.inject(pending.pop(0))
+                self.tick(t_s, dt_s)
+        except Exception:
+            log.exception("simulated pack stopped")
+
+    def tick(self, t_s: float, dt_s: float) -> None:
+        """One step of the hardware: obey commands (or the dead-man), move, report."""
+        self._receive_commands(t_s)
+        if t_s - self._command_t_s > self.options.deadman_timeout_s:
+            self._command = ALL_OPEN
+        self.plant.step(dt_s, self.load(t_s), self._command)
+        readings = self.plant.readings()
+        self._send_feedback(readings.relays)
+        if not self.silenced:
+            self._send_measurements(readings)
+
+    def inject(self, injection: Injection) -> None:
+        log.warning(
+            "injecting fault %s%s",
+            injection.kind,
+            "" if injection.cell is None else f" on cell {injection.cell + 1}",
+        )
+        faults = self.plant.faults
+        cell = injection.cell
+        if injection.kind == "open_wire":
+            faults.open_wire.add(cell)
+        elif injection.kind == "stuck":
+            faults.stuck[cell] = float(self.plant.readings().cell_voltage_v[cell])
+        elif injection.kind == "nan":
+            faults.nan.add(cell)
+        elif injection.kind == "overtemp":
+            faults.overtemp.add(cell)
+        elif injection.kind == "short":
+            faults.short = True
+        elif injection.kind == "weld":
+            faults.weld = True
+        elif injection.kind == "silence":
+            self.silenced = True
+
+    # ---------------------------------------------------------------- CAN
+    def _receive_commands(self, t_s: float) -> None:
+        while (frame := self._bus.recv(timeout=0.0)) is not None:
+            if frame.arbitration_id != self.command_message.frame_id:
+                continue
+            try:
+                values = self.codec.decode(self.command_message, bytes(frame.data))
+            except Exception:
+                continue  # a corrupt command is ignored; the dead-man still runs
+            self._command = relays_from_signals(values)
+            self._command_t_s = t_s
+
+    def _send(self, message, values) -> None:
+        send_message(self._bus, self.codec, message, values)
+
+    def _send_feedback(self, relays: RelayStates) -> None:
+        self._counter = (self._counter + 1) % 16
+        self._send(self.feedback_message, relay_signals(relays, self._counter))
+
+    def _send_measurements(self, r) -> None:
+        n_cells = r.cell_voltage_v.size
+        for group, first in enumerate(range(0, n_cells, VOLTAGE_GROUP_SIZE)):
+            values: dict[str, float] = {"CellVoltageGroup": group}
+            for k in range(VOLTAGE_GROUP_SIZE):
+                cell = first + k
+                number = cell + 1
+                inside = cell < n_cells
+                values[f"Cell{number}_Voltage"] = float(r.cell_voltage_v[cell]) if inside else 0.0
+                values[f"Cell{number}_VoltageInvalid"] = int(
+                    inside and r.cell_voltage_invalid[cell]
+                )
+            self._send(self.voltages, values)
+        n_temps = r.cell_temp_c.size
+        for group, first in enumerate(range(0, n_temps, TEMP_GROUP_SIZE)):
+            values = {"TemperatureGroup": group}
+            for k in range(TEMP_GROUP_SIZE):
+                sensor = first + k
+                number = sensor + 1
+                inside = sensor < n_temps
+                values[f"Temp{number}"] = round(float(r.cell_temp_c[sensor])) if inside else 0
+                values[f"Temp{number}_Invalid"] = 0
+            self._send(self.temperatures, values)
+        self._send(
+            self.pack,
+            {
+                "PackCurrent": r.current_a,
+                "PackVoltage": r.pack_voltage_v,
+                "LinkVoltage": r.link_voltage_v,
+            },
+        )

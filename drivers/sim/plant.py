@@ -1,0 +1,210 @@
+"""The simulated pack: cells, thermal model, sensors, contactor box and DC link.
+
+This is the plant, not a replay of the estimator. Every cell has its own capacity, resistance
+and initial SOC around the nominal parameter set, a second-order Thevenin response whose
+resistances rise in the cold (Arrhenius), and a lumped thermal mass cooled to ambient. The
+sensors add per-channel offsets and noise. The contactor box has three relays, a precharge
+resistor and a DC-link capacitor. Faults are injected as the hardware would show them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bms.estimation.cell_params import CellParams
+from bms.types import ALL_OPEN, RelayStates
+
+SECONDS_PER_HOUR = 3600.0
+KELVIN = 273.15
+ARRHENIUS_K = 3000.0
+"""Activation energy over the gas constant (K): resistance rises about 2.5x from 25 to 0 degC."""
+LINK_BLEED_OHM = 10000.0
+"""Discharge resistor across the DC link, so the link voltage decays once disconnected."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlantSpread:
+    """How the simulated cells and sensors scatter around nominal (standard deviations)."""
+
+    initial_soc: float
+    initial_soc_spread: float
+    capacity_spread: float
+    resistance_spread: float
+    voltage_noise_v: float
+    voltage_offset_v: float
+    current_noise_a: float
+    current_offset_a: float
+    temp_noise_c: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlantPhysics:
+    ambient_temp_c: float
+    heat_capacity_j_per_k: float
+    cooling_w_per_k: float
+    overtemp_heat_w: float
+    precharge_resistance_ohm: float
+    link_capacitance_f: float
+    short_resistance_ohm: float
+
+
+@dataclass(slots=True)
+class Readings:
+    """What the sensors report this step; NaN is "not available", flags mark invalid cells."""
+
+    cell_voltage_v: np.ndarray
+    cell_voltage_invalid: np.ndarray
+    cell_temp_c: np.ndarray
+    current_a: float
+    pack_voltage_v: float
+    link_voltage_v: float
+    relays: RelayStates
+
+
+@dataclass(slots=True)
+class InjectedFaults:
+    open_wire: set[int] = field(default_factory=set)
+    stuck: dict[int, float] = field(default_factory=dict)
+    nan: set[int] = field(default_factory=set)
+    overtemp: set[int] = field(default_factory=set)
+    short: bool = False
+    weld: bool = False
+
+
+class PackPlant:
+    """Series pack of ``n_cells`` cells; call :meth:`step` then :meth:`readings`."""
+
+    def __init__(
+        self,
+        cell: CellParams,
+        n_cells: int,
+        n_temp_sensors: int,
+        spread: PlantSpread,
+        physics: PlantPhysics,
+        rng: np.random.Generator,
+    ):
+        self.cell = cell
+        self.physics = physics
+        self.spread = spread
+        self.rng = rng
+        scatter = lambda sigma: 1.0 + sigma * rng.standard_normal(n_cells)  # noqa: E731
+        self.capacity_ah = cell.capacity_ah * scatter(spread.capacity_spread)
+        resistance_factor = scatter(spread.resistance_spread)
+        self.r0_ohm = cell.r0_ohm * resistance_factor
+        self.r1_ohm = cell.r1_ohm * resistance_factor
+        self.r2_ohm = cell.r2_ohm * resistance_factor
+        self.c1_f = np.full(n_cells, cell.c1_f)
+        self.c2_f = np.full(n_cells, cell.c2_f)
+        self.soc = np.clip(
+            spread.initial_soc + spread.initial_soc_spread * rng.standard_normal(n_cells), 0, 1
+        )
+        self.v_rc1_v = np.zeros(n_cells)
+        self.v_rc2_v = np.zeros(n_cells)
+        self.temp_c = np.full(n_cells, physics.ambient_temp_c)
+        self.voltage_offset_v = spread.voltage_offset_v * rng.standard_normal(n_cells)
+        self.current_offset_a = spread.current_offset_a * float(rng.standard_normal())
+        # Temperature sensor j sits on cell sensor_cell[j].
+        self.sensor_cell = (np.arange(n_temp_sensors) * n_cells) // n_temp_sensors
+        self.relays = ALL_OPEN
+        self.link_voltage_v = 0.0
+        self.current_a = 0.0
+        self.faults = InjectedFaults()
+
+    # ---------------------------------------------------------------- physics
+    def _resistance_factor(self) -> np.ndarray:
+        temp_k = self.temp_c + KELVIN
+        return np.exp(ARRHENIUS_K * (1.0 / temp_k - 1.0 / (25.0 + KELVIN)))
+
+    def terminal_voltage_v(self, current_a: float) -> np.ndarray:
+        """Cell terminal voltages (n_cells,) carrying ``current_a`` (positive = charging)."""
+        r0 = self.r0_ohm * self._resistance_factor()
+        return self.cell.ocv_at(self.soc) + self.v_rc1_v + self.v_rc2_v + r0 * current_a
+
+    def step(self, dt_s: float, load_current_a: float, command: RelayStates) -> None:
+        """Advance ``dt_s`` seconds with the relays commanded and the load drawing its current.
+
+        The load only sees the pack through closed main contactors; a short on the DC link
+        draws what the pack's internal resistance and the short's resistance allow.
+        """
+        self._move_relays(command)
+        p = self.physics
+        emf_pack_v = float(
+            self.cell.ocv_at(self.soc).sum() + self.v_rc1_v.sum() + self.v_rc2_v.sum()
+        )
+        r_pack_ohm = float((self.r0_ohm * self._resistance_factor()).sum())
+        main = self.relays.negative and self.relays.positive
+        pre = self.relays.negative and self.relays.precharge and not self.relays.positive
+        if main:
+            current = load_current_a
+            if self.faults.short:
+                current -= emf_pack_v / (r_pack_ohm + p.short_resistance_ohm)
+        elif pre:
+            current = -(emf_pack_v - self.link_voltage_v) / (
+                p.precharge_resistance_ohm + r_pack_ohm
+            )
+        else:
+            current = 0.0
+        self.current_a = current
+
+        self._step_cells(dt_s, current)
+        pack_v = float(self.terminal_voltage_v(current).sum())
+        if main:
+            self.link_voltage_v = pack_v
+        elif pre:
+            tau = p.precharge_resistance_ohm * p.link_capacitance_f
+            self.link_voltage_v += (pack_v - self.link_voltage_v) * (1 - math.exp(-dt_s / tau))
+        else:
+            self.link_voltage_v *= math.exp(-dt_s / (LINK_BLEED_OHM * p.link_capacitance_f))
+
+    def _move_relays(self, command: RelayStates) -> None:
+        positive = command.positive or (self.faults.weld and self.relays.positive)
+        self.relays = RelayStates(command.negative, command.precharge, positive)
+
+    def _step_cells(self, dt_s: float, current_a: float) -> None:
+        factor = self._resistance_factor()
+        r0, r1, r2 = self.r0_ohm * factor, self.r1_ohm * factor, self.r2_ohm * factor
+        self.soc = np.clip(
+            self.soc + current_a * dt_s / (SECONDS_PER_HOUR * self.capacity_ah), 0.0, 1.0
+        )
+        # Exact discretisation of each RC pair for a current held over the step.
+        for v, r, c in ((self.v_rc1_v, r1, self.c1_f), (self.v_rc2_v, r2, self.c2_f)):
+            decay = np.exp(-dt_s / (r * c))
+            v *= decay
+            v += r * current_a * (1.0 - decay)
+        p = self.physics
+        heat_w = current_a**2 * r0 + self.v_rc1_v**2 / r1 + self.v_rc2_v**2 / r2
+        for cell in self.faults.overtemp:
+            heat_w[cell] += p.overtemp_heat_w
+        cooling_w = p.cooling_w_per_k * (p.ambient_temp_c - self.temp_c)
+        self.temp_c = self.temp_c + dt_s * (heat_w + cooling_w) / p.heat_capacity_j_per_k
+
+    # ---------------------------------------------------------------- sensors
+    def readings(self) -> Readings:
+        """Sample every sensor once, with offsets, noise and injected sensor faults."""
+        s = self.spread
+        n = self.soc.size
+        noise = self.rng.standard_normal
+        cell_v = self.terminal_voltage_v(self.current_a) + self.voltage_offset_v
+        cell_v = cell_v + s.voltage_noise_v * noise(n)
+        invalid = np.zeros(n, dtype=bool)
+        for cell in self.faults.open_wire:
+            cell_v[cell] = 0.0
+            invalid[cell] = True
+        for cell, frozen_v in self.faults.stuck.items():
+            cell_v[cell] = frozen_v
+        for cell in self.faults.nan:
+            cell_v[cell] = math.nan
+        temps = self.temp_c[self.sensor_cell] + s.temp_noise_c * noise(self.sensor_cell.size)
+        pack_v = float(self.terminal_voltage_v(self.current_a).sum())
+        return Readings(
+            cell_voltage_v=cell_v,
+            cell_voltage_invalid=invalid,
+            cell_temp_c=temps,
+            current_a=self.current_a + self.current_offset_a + s.current_noise_a * noise(),
+            pack_voltage_v=pack_v + 0.01 * noise(),
+            link_voltage_v=max(0.0, self.link_voltage_v + 0.01 * noise()),
+            relays=self.relays,
+        )
