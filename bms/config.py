@@ -98,7 +98,7 @@ class ProtectionConfig(StrictModel):
     discharge_current_max_a: float = Field(gt=0.0, le=10000.0)
     short_circuit_current_a: float = Field(gt=0.0, le=100000.0)
     pack_voltage_tolerance_v: float = Field(gt=0.0, le=100.0)
-    stuck_cycles: int = Field(50, ge=2, le=100000)
+    stuck_time_s: float = Field(5.0, gt=0.0, le=3600.0)
     stuck_min_current_a: float = Field(1.0, ge=0.0, le=10000.0)
     fault_debounce_cycles: int = Field(3, ge=1, le=1000)
     open_delay_s: float = Field(0.5, ge=0.0, le=60.0)

@@ -118,7 +118,7 @@ class ControlCycle:
         self.estimator = CoulombCounter(
             cell, n_cells, config.soc.rest_current_a, config.soc.rest_time_s
         )
-        self.stuck = StuckDetector(n_cells, protection.stuck_cycles, protection.stuck_min_current_a)
+        self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
         self.diagnosis = Diagnosis(protection.fault_debounce_cycles, protection.open_delay_s)
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
@@ -148,7 +148,7 @@ class ControlCycle:
 
         try:
             # 2. validate
-            stuck = self.stuck.update(m.cell_voltage_v, m.current_a)
+            stuck = self.stuck.update(m.cell_voltage_v, m.current_a, dt_s)
             conditions.update(measurement_conditions(m, self.config.protection, stuck))
             # 3. estimate
             soc = self.estimator.step(m.current_a, m.cell_voltage_v, dt_s)

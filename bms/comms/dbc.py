@@ -63,7 +63,8 @@ class DbcCodec:
 
     @staticmethod
     def encode(message: Message, values: Mapping[str, float]) -> bytes:
-        """Encode ``values``; a NaN becomes the signal's "not available" code."""
+        """Encode ``values``; a NaN becomes the signal's "not available" code and a value
+        outside the signal's range is held at the range's end, as a saturated sensor reads."""
         prepared = {}
         for signal in message.signals:
             if signal.name not in values:
@@ -71,6 +72,10 @@ class DbcCodec:
             value = values[signal.name]
             if isinstance(value, float) and math.isnan(value):
                 value = _not_available(signal)
+            elif signal.minimum is not None and value < signal.minimum:
+                value = signal.minimum
+            elif signal.maximum is not None and value > signal.maximum:
+                value = signal.maximum
             prepared[signal.name] = value
         return message.encode(prepared, strict=False)
 

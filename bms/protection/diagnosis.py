@@ -42,7 +42,7 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
     FaultSpec(
         "cell_voltage_stuck",
         Action.OPEN_AFTER_DELAY,
-        "a cell voltage did not change for stuck_cycles while current flowed",
+        "a cell voltage did not change for stuck_time_s while current flowed",
     ),
     FaultSpec(
         "pack_voltage_mismatch",

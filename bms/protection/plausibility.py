@@ -17,23 +17,27 @@ PACK_GROUP = "pack"
 
 
 class StuckDetector:
-    """Counts, per cell, the cycles in a row whose reading did not change while current flowed."""
+    """Times, per cell, how long its reading has not changed while current flowed.
 
-    def __init__(self, n_cells: int, stuck_cycles: int, min_current_a: float):
-        self.stuck_cycles = stuck_cycles
+    Counted in seconds rather than cycles: at a loop faster than the front-end, a live reading
+    legitimately repeats for several cycles.
+    """
+
+    def __init__(self, n_cells: int, stuck_time_s: float, min_current_a: float):
+        self.stuck_time_s = stuck_time_s
         self.min_current_a = min_current_a
         self._last_v = np.full(n_cells, np.nan)
-        self._unchanged = np.zeros(n_cells, dtype=np.int64)
+        self._unchanged_s = np.zeros(n_cells)
 
-    def update(self, cell_voltage_v: np.ndarray, current_a: float) -> np.ndarray:
+    def update(self, cell_voltage_v: np.ndarray, current_a: float, dt_s: float) -> np.ndarray:
         """Return a boolean mask (n_cells,) of cells whose reading is stuck."""
         if not abs(current_a) >= self.min_current_a:  # also False for NaN current
-            self._unchanged[:] = 0
+            self._unchanged_s[:] = 0.0
         else:
             same = cell_voltage_v == self._last_v  # NaN never equals, so NaN is not "stuck"
-            self._unchanged = np.where(same, self._unchanged + 1, 0)
+            self._unchanged_s = np.where(same, self._unchanged_s + dt_s, 0.0)
         self._last_v = cell_voltage_v.copy()
-        return self._unchanged >= self.stuck_cycles
+        return self._unchanged_s >= self.stuck_time_s
 
 
 def measurement_conditions(

@@ -1,0 +1,203 @@
+"""End to end: `bms sim` as a separate process, judged by what it prints.
+
+The simulated pack and the BMS share a python-can virtual bus inside that process; these tests
+see only the CLI's JSON status lines, its summary, its exit code and its log, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import BMS, merge, parse_json_lines, run_bms, run_sim
+
+pytestmark = pytest.mark.e2e
+
+REQUIRED_FIELDS = {
+    "t_s",
+    "contactors",
+    "soc_min",
+    "soc_mean",
+    "soc_max",
+    "cell_voltage_min_v",
+    "cell_voltage_max_v",
+    "current_a",
+    "temp_max_c",
+    "faults",
+    "latched",
+    "cycle_time_max_s",
+    "missed_cycles",
+}
+OPENED = {"opening", "fault"}
+
+# Test pack: a steady 10 A discharge (so current flows for the stuck-sensor check) and a status
+# line every 0.1 s, so reaction times are seen to 0.1 s.
+STEADY_DISCHARGE = {
+    "loop": {"status_interval_s": 0.1},
+    "protection": {"stuck_time_s": 2.0, "temp_max_c": 32.0},
+    "sim": {"load": {"profile": "constant", "current_a": -10.0}},
+}
+INJECT_AT_S = 2.5
+
+
+def first_time(records: list[dict], states: set[str]) -> float | None:
+    return next((r["t_s"] for r in records if r["contactors"] in states), None)
+
+
+def test_contactors_close_after_precharge_and_status_lines_carry_the_contract(make_config):
+    run = run_sim(make_config({"loop": {"status_interval_s": 0.1}}), duration_s=3)
+    assert run.returncode == 0, run.stderr
+    for record in run.records:
+        assert record.keys() >= REQUIRED_FIELDS
+    states = [r["contactors"] for r in run.records]
+    assert "precharge" in states and "closed" in states
+    assert states.index("precharge") < states.index("closed")
+    assert states[-1] == "closed"
+    closed = [r for r in run.records if r["contactors"] == "closed"]
+    assert all(r["link_voltage_v"] >= 0.95 * r["pack_voltage_v"] for r in closed)
+    assert all(r["faults"] == [] and r["latched"] == [] for r in run.records)
+    assert run.summary is not None and run.summary["contactors"] == "open"
+
+
+def test_soc_falls_while_discharging(make_config):
+    config = make_config({"sim": {"load": {"profile": "constant", "current_a": -20.0}}})
+    run = run_sim(config, duration_s=8)
+    assert run.returncode == 0, run.stderr
+    closed = [r for r in run.records if r["contactors"] == "closed"]
+    assert len(closed) >= 5
+    assert all(-20.5 < r["current_a"] < -19.5 for r in closed[1:])
+    # 20 A for the closed seconds on a 5 Ah cell: about 0.11 % of SOC a second.
+    elapsed_s = closed[-1]["t_s"] - closed[0]["t_s"]
+    drop = closed[0]["soc_mean"] - closed[-1]["soc_mean"]
+    assert drop == pytest.approx(20.0 * elapsed_s / 3600 / 5.0, rel=0.2)
+    assert closed[-1]["soc_min"] <= closed[-1]["soc_mean"] <= closed[-1]["soc_max"]
+
+
+# fault injected, fault id expected to latch, time it needs beyond the common detection budget
+INJECTED_FAULTS = [
+    ("open_wire@{t}:cell=3", "cell_voltage_invalid", 0.0),
+    ("nan@{t}:cell=16", "cell_voltage_invalid", 0.0),
+    ("stuck@{t}:cell=7", "cell_voltage_stuck", 2.0),  # stuck_time_s
+    ("overtemp@{t}:cell=5", "overtemperature", 2.5),  # heating 25 -> 32 degC at about 3 K/s
+    ("short@{t}", "short_circuit", 0.0),
+    ("silence@{t}", "frontend_timeout", 0.5),  # cell_voltage_timeout_s
+]
+
+
+@pytest.mark.parametrize(
+    ("inject", "fault_id", "extra_s"), INJECTED_FAULTS, ids=[case[1] for case in INJECTED_FAULTS]
+)
+def test_injected_fault_opens_contactors_within_its_delay_and_latches(
+    make_config, inject, fault_id, extra_s
+):
+    config = make_config(STEADY_DISCHARGE)
+    run = run_sim(config, "--inject", inject.format(t=INJECT_AT_S), duration_s=INJECT_AT_S + 5)
+    assert run.returncode == 0, run.stderr
+    before = [r for r in run.records if r["t_s"] < INJECT_AT_S - 0.2]
+    assert before[-1]["contactors"] == "closed", "the pack must be closed when the fault hits"
+    opened_at = first_time(run.records, OPENED)
+    assert opened_at is not None, f"contactors never opened; last: {run.records[-1]}"
+    # front-end period + debounce (3 cycles) + open_delay_s + status resolution + CI jitter
+    budget_s = 0.1 + 0.3 + 0.5 + 0.1 + extra_s + 0.6
+    assert INJECT_AT_S <= opened_at + 0.15 <= INJECT_AT_S + budget_s + 0.15
+    assert fault_id in run.records[-1]["latched"]
+    assert run.records[-1]["contactors"] == "fault"
+    assert fault_id in run.summary["latched"]
+    assert run.summary["contactors"] == "open"
+    assert f"fault latched: {fault_id}" in run.stderr
+
+
+def test_short_circuit_opens_without_the_open_delay(make_config):
+    config = make_config(merge(STEADY_DISCHARGE, {"protection": {"open_delay_s": 5.0}}))
+    run = run_sim(config, "--inject", f"short@{INJECT_AT_S}", duration_s=INJECT_AT_S + 2)
+    opened_at = first_time(run.records, OPENED)
+    assert opened_at is not None and opened_at - INJECT_AT_S < 1.5
+    assert "short_circuit" in run.records[-1]["latched"]
+
+
+def test_welded_contactor_is_latched_and_exit_code_says_open_is_unconfirmed(make_config):
+    config = make_config(STEADY_DISCHARGE)
+    run = run_sim(
+        config,
+        "--inject",
+        "weld@1",
+        "--inject",
+        f"open_wire@{INJECT_AT_S}:cell=1",
+        duration_s=INJECT_AT_S + 3,
+    )
+    latched = run.records[-1]["latched"]
+    assert "cell_voltage_invalid" in latched and "contactor_weld" in latched
+    assert run.records[-1]["contactors"] == "fault"
+    assert run.summary["contactors"] == "unconfirmed"
+    assert run.returncode == 1
+
+
+def test_faults_scheduled_in_the_config_are_injected(make_config):
+    faults = [{"kind": "open_wire", "at_s": INJECT_AT_S, "cell": 2}]
+    config = make_config(merge(STEADY_DISCHARGE, {"sim": {"faults": faults}}))
+    run = run_sim(config, duration_s=INJECT_AT_S + 2.5)
+    assert "cell_voltage_invalid" in run.records[-1]["latched"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_cleanly_with_contactors_open(make_config, sig):
+    config = make_config({"loop": {"status_interval_s": 0.2}})
+    proc = subprocess.Popen(
+        [str(BMS), "sim", "--config", str(config), "--status-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(json.loads(line))
+            if seen[-1]["contactors"] == "closed":
+                break
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    records, summary = parse_json_lines(stdout)
+    assert seen[-1]["contactors"] == "closed", "the signal must find the contactors closed"
+    assert all(r["latched"] == [] for r in seen + records)
+    assert proc.returncode == 0, stderr
+    assert summary["stopped_by"] == sig.name
+    assert summary["contactors"] == "open"
+    assert "Traceback" not in stderr
+
+
+def test_text_status_line_and_summary(make_config):
+    proc = run_bms("sim", "--config", str(make_config()), "--duration-s", "2.5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("closed" in line and "SOC" in line and "missed 0" in line for line in lines)
+    assert lines[-1].startswith("stopped (duration reached)")
+    assert "contactors open" in lines[-1]
+
+
+def test_bad_injection_is_a_usage_error(make_config):
+    proc = run_bms("sim", "--config", str(make_config()), "--inject", "melt@3", "--duration-s", "1")
+    assert proc.returncode == 2
+    assert "unknown fault kind 'melt'" in proc.stderr
+    proc = run_bms(
+        "sim",
+        "--config",
+        str(make_config()),
+        "--inject",
+        "open_wire@3:cell=17",
+        "--duration-s",
+        "1",
+    )
+    assert proc.returncode == 2
+    assert "cell 17 is not in the pack (1..16)" in proc.stderr
+
+
+def test_help_lists_every_fault_kind():
+    proc = run_bms("sim", "--help")
+    assert proc.returncode == 0
+    for kind in ("open_wire", "stuck", "nan", "overtemp", "short", "weld", "silence"):
+        assert f"  {kind} " in proc.stdout
