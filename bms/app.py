@@ -72,16 +72,7 @@ def run(
     emit: Callable[[dict], str] = to_json if status_format == "json" else to_line
     with ExitStack() as resources:
         try:
-            cell = load_cell_params(config.pack.cell_params)
-            if simulate:
-                if config.sim is None:
-                    raise ValueError(f"{config.source}: `bms sim` needs a [sim] section")
-                sim = config.sim.cls(config, config.sim.options, list(injections or []))
-                sim.start()
-                resources.callback(sim.stop)
-            frontend = _open(resources, config, config.frontend)
-            contactors = _open(resources, config, config.contactors)
-            publisher = _open(resources, config, config.publisher) if config.publisher else None
+            cycle = build_cycle(config, resources, simulate=simulate, injections=injections)
         except InjectionError as exc:
             log.error("%s", exc)
             return EXIT_USAGE_ERROR
@@ -89,7 +80,6 @@ def run(
             log.error("cannot start: %s", exc)
             return EXIT_SETUP_FAILED
 
-        cycle = ControlCycle(config, cell, frontend, contactors, publisher)
         rate = RateKeeper(config.loop.period_s, config.loop.lag_limit_s)
         timing = CycleTiming()
         worst_overall_s = 0.0
@@ -140,6 +130,30 @@ def run(
             flush=True,
         )
         return EXIT_OK if opened else EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
+
+
+def build_cycle(
+    config: BmsConfig,
+    resources: ExitStack,
+    *,
+    simulate: bool = False,
+    injections: list[str] | None = None,
+) -> ControlCycle:
+    """Open the backends (and start the simulated pack) and build the cycle over them.
+
+    Everything opened is registered on ``resources``, so closing it releases all of it.
+    """
+    cell = load_cell_params(config.pack.cell_params)
+    if simulate:
+        if config.sim is None:
+            raise ValueError(f"{config.source}: `bms sim` needs a [sim] section")
+        sim = config.sim.cls(config, config.sim.options, list(injections or []))
+        sim.start()
+        resources.callback(sim.stop)
+    frontend = _open(resources, config, config.frontend)
+    contactors = _open(resources, config, config.contactors)
+    publisher = _open(resources, config, config.publisher) if config.publisher else None
+    return ControlCycle(config, cell, frontend, contactors, publisher)
 
 
 def _open(resources: ExitStack, config: BmsConfig, choice: BackendChoice) -> Backend:

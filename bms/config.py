@@ -269,7 +269,8 @@ def _describe(
             names = _field_names_at(model, loc[:-1])
             message = "unknown option" + _suggest(loc[-1], names)
         elif kind == "missing":
-            message = "required option is missing"
+            is_section = len(loc) == 1 and not prefix and loc[0] in FileConfig.model_fields
+            message = f"required {'section' if is_section else 'option'} is missing"
         else:
             message = error["msg"]
             if "input" in error and not isinstance(error["input"], dict):

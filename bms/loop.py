@@ -49,6 +49,7 @@ class RateKeeper:
         self.clock = clock
         self.sleep = sleep
         self.missed_cycles = 0
+        self.last_lateness_s = 0.0
         self.lateness_avg_s = 0.0
         self._alpha = min(1.0, period_s / LAG_AVERAGE_S)
         self._next_s = clock()
@@ -69,6 +70,7 @@ class RateKeeper:
             self.sleep(remaining)
         now = self.clock()
         lateness = max(0.0, now - self._next_s)
+        self.last_lateness_s = lateness
         self.lateness_avg_s += self._alpha * (lateness - self.lateness_avg_s)
         if lateness >= self.period_s:
             self.missed_cycles += int(lateness // self.period_s)

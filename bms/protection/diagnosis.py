@@ -128,6 +128,7 @@ class Diagnosis:
         active = []
         newly_latched = []
         for fault_id, spec in FAULTS.items():
+            was_active = self._counts[fault_id] >= self.debounce_cycles
             if conditions.get(fault_id, False):
                 self._counts[fault_id] = min(self._counts[fault_id] + 1, self.debounce_cycles)
             else:
@@ -137,7 +138,8 @@ class Diagnosis:
             if self._counts[fault_id] < self.debounce_cycles:
                 continue
             active.append(fault_id)
-            self._active_s[fault_id] += dt_s
+            # The open delay counts from the cycle the fault became active.
+            self._active_s[fault_id] = self._active_s[fault_id] + dt_s if was_active else 0.0
             opens = spec.action is Action.OPEN_NOW or (
                 spec.action is Action.OPEN_AFTER_DELAY
                 and self._active_s[fault_id] >= self.open_delay_s

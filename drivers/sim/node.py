@@ -146,8 +146,12 @@ class SimulatedPack(Simulator):
         self._thread: threading.Thread | None = None
         self._bus = None
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """Join the bus; :meth:`tick` can then be driven by hand (tests) or by :meth:`start`."""
         self._bus = open_bus(self.can_config)
+
+    def start(self) -> None:
+        self.attach()
         self._thread = threading.Thread(target=self._run, name="sim-pack", daemon=True)
         self._thread.start()
 

@@ -1,0 +1,134 @@
+"""The contactor state machine against a relay model with feedback and a DC link."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bms.config import ControlConfig
+from bms.protection.contactors import ContactorStateMachine
+from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, RelayStates
+
+PERIOD_S = 0.1
+PACK_V = 60.0
+CONFIG = ControlConfig(
+    close_on_start=True, precharge_ratio=0.95, precharge_timeout_s=2.0, feedback_timeout_s=0.3
+)
+
+
+@dataclass
+class Box:
+    """Relays that follow the command one cycle later, and a DC link that charges through
+    the precharge resistor (time constant ``tau_s``)."""
+
+    tau_s: float = 0.2
+    relays: RelayStates = ALL_OPEN
+    link_v: float = 0.0
+    welded: bool = False
+    stuck_open: bool = False
+    feedback_valid: bool = True
+    log: list[ContactorState] = field(default_factory=list)
+
+    def obey(self, command: RelayStates) -> None:
+        positive = (command.positive and not self.stuck_open) or (
+            self.welded and self.relays.positive
+        )
+        self.relays = RelayStates(command.negative, command.precharge, positive)
+        if self.relays.negative and self.relays.positive:
+            self.link_v = PACK_V
+        elif self.relays.negative and self.relays.precharge:
+            self.link_v += (PACK_V - self.link_v) * PERIOD_S / self.tau_s
+        else:
+            self.link_v *= 0.5
+
+    def feedback(self) -> ContactorFeedback:
+        return ContactorFeedback(self.relays, self.feedback_valid)
+
+
+def drive(fsm, box, cycles, t0_s=0.0, close=True, open_now=False, no_close=False):
+    out = None
+    for n in range(cycles):
+        out = fsm.step(
+            t0_s + n * PERIOD_S, close, open_now, no_close, box.feedback(), PACK_V, box.link_v
+        )
+        box.log.append(out.state)
+        box.obey(out.command)
+    return out
+
+
+def test_precharge_then_close_in_order():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    commands = []
+    for n in range(20):
+        out = fsm.step(n * PERIOD_S, True, False, False, box.feedback(), PACK_V, box.link_v)
+        commands.append(out.command)
+        box.obey(out.command)
+    assert out.state is ContactorState.CLOSED
+    assert out.command == RelayStates(negative=True, precharge=False, positive=True)
+    # negative + precharge first, positive only after the link is charged, precharge last off
+    firsts = list(dict.fromkeys(commands))
+    assert firsts == [
+        RelayStates(True, True, False),
+        RelayStates(True, True, True),
+        RelayStates(True, False, True),
+    ]
+    assert out.faults == frozenset()
+
+
+def test_no_close_while_a_fault_forbids_it():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    out = drive(fsm, box, 10, no_close=True)
+    assert out.state is ContactorState.OPEN and out.command == ALL_OPEN
+
+
+def test_precharge_timeout_is_a_fault():
+    fsm, box = ContactorStateMachine(CONFIG), Box(tau_s=100.0)  # link never charges in time
+    out = drive(fsm, box, 30)
+    assert "precharge_failed" in out.faults
+    assert out.state is ContactorState.FAULT and out.command == ALL_OPEN
+
+
+def test_open_now_opens_and_ends_in_fault():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    drive(fsm, box, 20)
+    out = drive(fsm, box, 1, t0_s=2.0, open_now=True)
+    assert out.state is ContactorState.OPENING and out.command == ALL_OPEN
+    out = drive(fsm, box, 3, t0_s=2.1, open_now=True)
+    assert out.state is ContactorState.FAULT and out.faults == frozenset()
+    assert not box.relays.any_closed
+
+
+def test_withdrawn_request_opens_back_to_open():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    drive(fsm, box, 20)
+    out = drive(fsm, box, 4, t0_s=2.0, close=False)
+    assert out.state is ContactorState.OPEN
+
+
+def test_weld_is_found_when_opening():
+    fsm, box = ContactorStateMachine(CONFIG), Box(welded=True)
+    drive(fsm, box, 20)
+    out = drive(fsm, box, 10, t0_s=2.0, open_now=True)
+    assert "contactor_weld" in out.faults
+    assert out.state is ContactorState.FAULT and out.command == ALL_OPEN
+
+
+def test_contactor_that_does_not_close_is_a_mismatch():
+    fsm, box = ContactorStateMachine(CONFIG), Box(stuck_open=True)
+    out = drive(fsm, box, 20)
+    assert "contactor_feedback_mismatch" in out.faults
+    assert out.state is ContactorState.FAULT
+
+
+def test_contactor_that_opens_by_itself_is_a_mismatch():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    drive(fsm, box, 20)
+    box.relays = RelayStates(True, False, False)
+    out = drive(fsm, box, 1, t0_s=2.0)
+    assert "contactor_feedback_mismatch" in out.faults
+    assert out.command == ALL_OPEN
+
+
+def test_invalid_feedback_never_confirms_a_close():
+    fsm, box = ContactorStateMachine(CONFIG), Box(feedback_valid=False)
+    out = drive(fsm, box, 20)
+    assert out.state is ContactorState.OPEN and out.command == ALL_OPEN

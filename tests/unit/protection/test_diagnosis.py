@@ -1,0 +1,92 @@
+"""The diagnosis table: debounce, open delay, immediate opening, latching."""
+
+from __future__ import annotations
+
+import pytest
+
+from bms.protection.diagnosis import FAULT_TABLE, FAULTS, Action, Diagnosis
+
+PERIOD_S = 0.1
+
+
+def run(diagnosis: Diagnosis, conditions: dict, cycles: int):
+    verdict = None
+    for _ in range(cycles):
+        verdict = diagnosis.update(conditions, PERIOD_S)
+    return verdict
+
+
+def test_every_row_is_unique_and_described():
+    ids = [spec.fault_id for spec in FAULT_TABLE]
+    assert len(ids) == len(set(ids))
+    assert all(spec.description for spec in FAULT_TABLE)
+
+
+def test_debounce_needs_n_consecutive_cycles():
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
+    assert run(diagnosis, {"cell_overvoltage": True}, 2).active == ()
+    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+
+
+def test_a_gap_restarts_the_debounce():
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
+    run(diagnosis, {"cell_overvoltage": True}, 2)
+    run(diagnosis, {"cell_overvoltage": False}, 1)
+    assert run(diagnosis, {"cell_overvoltage": True}, 2).active == ()
+    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+
+
+def test_open_after_delay_latches_once_active_for_the_delay():
+    diagnosis = Diagnosis(debounce_cycles=2, open_delay_s=0.5)
+    # active from cycle 2; the delay counts from there: 5 more cycles of 0.1 s
+    verdict = run(diagnosis, {"overtemperature": True}, 6)
+    assert verdict.active == ("overtemperature",)
+    assert verdict.no_close and not verdict.open_now and verdict.latched == ()
+    verdict = run(diagnosis, {"overtemperature": True}, 1)
+    assert verdict.open_now and verdict.latched == ("overtemperature",)
+    assert verdict.newly_latched == ("overtemperature",)
+    assert run(diagnosis, {"overtemperature": True}, 1).newly_latched == ()
+
+
+def test_open_now_latches_as_soon_as_debounced():
+    diagnosis = Diagnosis(debounce_cycles=2, open_delay_s=60.0)
+    assert not run(diagnosis, {"short_circuit": True}, 1).open_now
+    assert run(diagnosis, {"short_circuit": True}, 1).latched == ("short_circuit",)
+
+
+def test_latch_outlives_the_condition_and_blocks_closing():
+    diagnosis = Diagnosis(debounce_cycles=1, open_delay_s=0.0)
+    run(diagnosis, {"frontend_timeout": True}, 1)
+    verdict = run(diagnosis, {"frontend_timeout": False}, 50)
+    assert verdict.active == ()
+    assert verdict.latched == ("frontend_timeout",)
+    assert verdict.open_now and verdict.no_close
+
+
+def test_a_condition_cleared_before_the_delay_never_latches():
+    diagnosis = Diagnosis(debounce_cycles=1, open_delay_s=0.5)
+    run(diagnosis, {"cell_undervoltage": True}, 5)  # active for 0.4 s
+    verdict = run(diagnosis, {"cell_undervoltage": False}, 1)
+    assert verdict.active == () and verdict.latched == () and not verdict.no_close
+    # and the delay starts again from zero
+    assert run(diagnosis, {"cell_undervoltage": True}, 5).latched == ()
+    assert run(diagnosis, {"cell_undervoltage": True}, 1).latched == ("cell_undervoltage",)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [s for s in FAULT_TABLE if s.action >= Action.OPEN_AFTER_DELAY],
+    ids=lambda spec: spec.fault_id,
+)
+def test_every_opening_fault_latches(spec):
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=0.3)
+    assert run(diagnosis, {spec.fault_id: True}, 7).latched == (spec.fault_id,)
+
+
+def test_unknown_condition_is_a_programming_error():
+    with pytest.raises(KeyError, match="not in the diagnosis table"):
+        Diagnosis(3, 0.5).update({"cell_overvoltag": True}, PERIOD_S)
+
+
+def test_faults_mapping_matches_table():
+    assert list(FAULTS) == [spec.fault_id for spec in FAULT_TABLE]
