@@ -80,6 +80,12 @@ def run(
             log.error("cannot start: %s", exc)
             return EXIT_SETUP_FAILED
 
+        if not cycle.wait_for_first_sample(time.monotonic, config.loop.startup_timeout_s):
+            log.error(
+                "no complete sample from the front-end and contactor feedback within "
+                "%.1f s; starting anyway, so the missing signals become faults",
+                config.loop.startup_timeout_s,
+            )
         rate = RateKeeper(config.loop.period_s, config.loop.lag_limit_s)
         timing = CycleTiming()
         worst_overall_s = 0.0
@@ -90,13 +96,13 @@ def run(
         try:
             while not stop.event.is_set():
                 now_s, dt_s = rate.wait()
-                status = cycle.run(now_s - start_s, dt_s, rate.lagging)
+                status = cycle.run(now_s, dt_s, rate.lagging)
                 compute_s = time.monotonic() - now_s
                 timing.add(compute_s)
                 worst_overall_s = max(worst_overall_s, compute_s)
                 if now_s >= next_report_s:
                     record = status_record(
-                        status, timing.mean_s, timing.worst_s, rate.missed_cycles
+                        status, start_s, timing.mean_s, timing.worst_s, rate.missed_cycles
                     )
                     print(emit(record), file=out, flush=True)
                     timing = CycleTiming()

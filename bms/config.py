@@ -68,6 +68,9 @@ class LoopConfig(StrictModel):
         0.05, gt=0.0, le=10.0, description="mean wake-up lateness above which the loop lags"
     )
     status_interval_s: float = Field(1.0, gt=0.0, le=3600.0)
+    startup_timeout_s: float = Field(
+        5.0, ge=0.0, le=600.0, description="wait this long for the first complete sample"
+    )
 
 
 class CanConfig(StrictModel):

@@ -197,17 +197,37 @@ class ControlCycle:
                 log.exception("publish failed")
         return status
 
-    def open_and_wait(self, clock: Callable[[], float], timeout_s: float) -> bool:
-        """Command everything open and wait (refreshing) until the feedback confirms it.
+    def wait_for_first_sample(self, clock: Callable[[], float], timeout_s: float) -> bool:
+        """Before the first cycle: wait until every front-end group and the contactor
+        feedback have been heard, so a BMS that boots before its front-end does not latch
+        a timeout. The contactors are held open meanwhile. False on timeout."""
 
-        Used on shutdown; returns True when the feedback shows every relay open in time.
-        """
-        deadline = clock() + timeout_s
+        def heard_everything(now_s: float) -> bool:
+            sample = self.frontend.read(now_s)
+            return not sample.stale_groups and self.contactors.feedback(now_s).valid
+
+        return self._hold_open_until(heard_everything, clock, timeout_s)
+
+    def open_and_wait(self, clock: Callable[[], float], timeout_s: float) -> bool:
+        """Command everything open and wait until the feedback confirms it (on shutdown).
+        False when the feedback does not show every relay open in time."""
+
+        def confirmed_open(now_s: float) -> bool:
+            feedback = self.contactors.feedback(now_s)
+            return feedback.valid and not feedback.relays.any_closed
+
+        return self._hold_open_until(confirmed_open, clock, timeout_s)
+
+    def _hold_open_until(
+        self, done: Callable[[float], bool], clock: Callable[[], float], timeout_s: float
+    ) -> bool:
+        """Command every relay open (refreshing the dead-man) until ``done(now_s)`` or timeout."""
+        deadline_s = clock() + timeout_s
         while True:
             self.contactors.command(ALL_OPEN)
-            feedback = self.contactors.feedback(clock())
-            if feedback.valid and not feedback.relays.any_closed:
+            now_s = clock()
+            if done(now_s):
                 return True
-            if clock() >= deadline:
+            if now_s >= deadline_s:
                 return False
             time.sleep(min(0.01, self.config.loop.period_s))

@@ -46,12 +46,19 @@ def pack_summary(status: PackStatus) -> dict[str, Any]:
 
 
 def status_record(
-    status: PackStatus, cycle_time_mean_s: float, cycle_time_max_s: float, missed_cycles: int
+    status: PackStatus,
+    start_s: float,
+    cycle_time_mean_s: float,
+    cycle_time_max_s: float,
+    missed_cycles: int,
 ) -> dict[str, Any]:
-    """The status as plain data, for ``--status-format json`` and the console line."""
+    """The status as plain data, for ``--status-format json`` and the console line.
+
+    ``t_s`` is counted from ``start_s`` (the loop's start on the monotonic clock).
+    """
     m = status.measurement
     return {
-        "t_s": round(status.t_s, 3),
+        "t_s": round(status.t_s - start_s, 3),
         "contactors": status.contactors.value,
         **pack_summary(status),
         "current_a": m.current_a,

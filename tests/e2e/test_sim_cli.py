@@ -201,3 +201,13 @@ def test_help_lists_every_fault_kind():
     assert proc.returncode == 0
     for kind in ("open_wire", "stuck", "nan", "overtemp", "short", "weld", "silence"):
         assert f"  {kind} " in proc.stdout
+
+
+def test_run_without_a_pack_waits_then_latches_and_never_closes(make_config):
+    config = make_config({"loop": {"startup_timeout_s": 1.0}})
+    proc = run_bms("run", "--config", str(config), "--status-format", "json", "--duration-s", "2")
+    records, summary = parse_json_lines(proc.stdout)
+    assert "no complete sample from the front-end" in proc.stderr
+    assert all(r["contactors"] in ("open", "fault") for r in records)
+    assert {"frontend_timeout", "contactor_feedback_invalid"} <= set(records[-1]["latched"])
+    assert summary["contactors"] == "unconfirmed" and proc.returncode == 1

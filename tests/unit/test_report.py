@@ -25,17 +25,19 @@ def status(cell_voltage_v, soc, temps=(25.0, 27.5)) -> PackStatus:
 
 
 def test_record_reports_extremes_with_cell_numbers_counting_from_one():
-    record = status_record(status([3.7, 3.6, math.nan], [0.5, 0.4, math.nan]), 0.001, 0.002, 3)
+    record = status_record(
+        status([3.7, 3.6, math.nan], [0.5, 0.4, math.nan]), 10.0, 0.001, 0.002, 3
+    )
     assert record["cell_voltage_min_v"] == 3.6 and record["cell_voltage_min_cell"] == 2
     assert record["cell_voltage_max_v"] == 3.7 and record["cell_voltage_max_cell"] == 1
     assert (record["soc_min"], record["soc_max"]) == (0.4, 0.5)
     assert record["temp_max_c"] == 27.5 and record["contactors"] == "closed"
     assert record["faults"] == ["overtemperature"] and record["missed_cycles"] == 3
-    assert record["t_s"] == 12.346
+    assert record["t_s"] == 2.346
 
 
 def test_json_turns_nan_into_null_and_the_line_into_dashes():
-    record = status_record(status([math.nan] * 3, [math.nan] * 3, (math.nan,)), 0.0, 0.0, 0)
+    record = status_record(status([math.nan] * 3, [math.nan] * 3, (math.nan,)), 0.0, 0.0, 0.0, 0)
     decoded = json.loads(to_json(record))
     assert decoded["cell_voltage_min_v"] is None and decoded["cell_voltage_min_cell"] is None
     assert decoded["soc_mean"] is None and decoded["temp_max_c"] is None

@@ -1,0 +1,125 @@
+"""The cycle with fake backends: stage order, fail-safe on a raising stage, publish isolation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bms.backends import ContactorDriver, FrontEnd, FrontEndError, Publisher
+from bms.config import load_config
+from bms.estimation.cell_params import load_cell_params
+from bms.loop import ControlCycle
+from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, RelayStates
+
+PERIOD_S = 0.1
+
+
+class FakeFrontEnd(FrontEnd):
+    def __init__(self, n_cells, voltage_v=3.7):
+        self.n_cells = n_cells
+        self.voltage_v = voltage_v
+        self.error: Exception | None = None
+        self.calls: list[str] = []
+
+    def read(self, t_s):
+        self.calls.append("read")
+        if self.error is not None:
+            raise self.error
+        v = np.full(self.n_cells, self.voltage_v)
+        return Measurement(t_s, v, np.full(2, 25.0), -1.0, float(v.sum()), float(v.sum()))
+
+    def close(self):
+        pass
+
+
+class FakeBox(ContactorDriver):
+    """Relays follow the last command at once; the DC link follows the pack."""
+
+    def __init__(self, calls):
+        self.relays = ALL_OPEN
+        self.calls = calls
+
+    def command(self, relays: RelayStates) -> None:
+        self.calls.append("command")
+        self.relays = relays
+
+    def feedback(self, t_s):
+        return ContactorFeedback(self.relays, valid=True)
+
+    def close(self):
+        pass
+
+
+class FakePublisher(Publisher):
+    def __init__(self, calls):
+        self.calls = calls
+        self.error: Exception | None = None
+
+    def publish(self, status):
+        self.calls.append("publish")
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def cycle(make_config):
+    config = load_config(make_config({"pack": {"n_cells": 4, "n_temp_sensors": 2}}))
+    frontend = FakeFrontEnd(4)
+    box = FakeBox(frontend.calls)
+    publisher = FakePublisher(frontend.calls)
+    return ControlCycle(config, load_cell_params(config.pack.cell_params), frontend, box, publisher)
+
+
+def run(cycle, cycles, t0_s=0.0):
+    status = None
+    for n in range(cycles):
+        status = cycle.run(t0_s + n * PERIOD_S, PERIOD_S, lagging=False)
+    return status
+
+
+def test_healthy_pack_closes_and_stages_run_in_order(cycle):
+    status = run(cycle, 10)
+    assert status.contactors is ContactorState.CLOSED
+    assert cycle.frontend.calls[:3] == ["read", "command", "publish"]
+    assert status.charge_limit_a > 0 and status.discharge_limit_a > 0
+    # started from the OCV of 3.7 V, then 1 A out for 1 s
+    assert status.soc == pytest.approx(cycle.estimator.cell.soc_at_ocv(np.full(4, 3.7)), abs=1e-4)
+
+
+def test_raising_front_end_becomes_a_fault_and_opens(cycle):
+    run(cycle, 10)
+    cycle.frontend.error = FrontEndError("bus off")
+    status = run(cycle, 12, t0_s=1.0)
+    assert "frontend_error" in status.latched_faults
+    assert status.contactors in (ContactorState.OPENING, ContactorState.FAULT)
+    assert cycle.contactors.relays == ALL_OPEN
+    assert status.charge_limit_a == 0.0 and math.isnan(status.measurement.current_a)
+
+
+def test_failing_publisher_does_not_stop_protection(cycle):
+    cycle.publisher.error = OSError("telemetry down")
+    status = run(cycle, 10)
+    assert status.contactors is ContactorState.CLOSED
+    cycle.frontend.voltage_v = 4.4  # over-voltage
+    status = run(cycle, 12, t0_s=1.0)
+    assert "cell_overvoltage" in status.latched_faults
+    assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_lag_is_a_fault_like_any_other(cycle):
+    run(cycle, 10)
+    status = None
+    for n in range(12):
+        status = cycle.run(1.0 + n * PERIOD_S, PERIOD_S, lagging=True)
+    assert "loop_lag" in status.latched_faults
+
+
+def test_no_close_request_keeps_contactors_open(cycle):
+    cycle.close_requested = False
+    assert run(cycle, 10).contactors is ContactorState.OPEN
+    assert cycle.contactors.relays == ALL_OPEN
