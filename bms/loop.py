@@ -84,7 +84,7 @@ class RateKeeper:
 
 @dataclass(slots=True)
 class CycleTiming:
-    """Cycle compute times over one status interval, and lateness."""
+    """Cycle compute times over one status interval."""
 
     count: int = 0
     total_s: float = 0.0

@@ -69,6 +69,7 @@ def status_record(
         "faults": list(status.active_faults),
         "latched": list(status.latched_faults),
         "stale": list(m.stale_groups),
+        "frame_errors": m.frame_errors,
         "cycle_time_mean_s": cycle_time_mean_s,
         "cycle_time_max_s": cycle_time_max_s,
         "missed_cycles": missed_cycles,

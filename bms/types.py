@@ -7,7 +7,7 @@ A value that is missing, late or implausible is NaN, never a silently replaced n
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -76,4 +76,3 @@ class PackStatus:
     latched_faults: tuple[str, ...]
     charge_limit_a: float
     discharge_limit_a: float
-    extra: dict[str, float] = field(default_factory=dict)
