@@ -211,3 +211,30 @@ def test_run_without_a_pack_waits_then_latches_and_never_closes(make_config):
     assert all(r["contactors"] in ("open", "fault") for r in records)
     assert {"frontend_timeout", "contactor_feedback_invalid"} <= set(records[-1]["latched"])
     assert summary["contactors"] == "unconfirmed" and proc.returncode == 1
+
+
+def test_broken_files_named_by_the_config_are_clear_errors(make_config, tmp_path):
+    bad_dbc = tmp_path / "bad.dbc"
+    bad_dbc.write_text("BO_ this is not a DBC\n")
+    proc = run_bms(
+        "sim",
+        "--config",
+        str(make_config({"can": {"dbc_file": str(bad_dbc)}})),
+        "--duration-s",
+        "1",
+    )
+    assert proc.returncode == 3
+    assert f"{bad_dbc}: cannot load DBC" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    cell_dir = tmp_path / "cell"
+    cell_dir.mkdir()
+    (cell_dir / "params.toml").write_text("name = 'x'\ncapacity_ah = -1\n")
+    proc = run_bms(
+        "sim",
+        "--config",
+        str(make_config({"pack": {"cell_params": str(cell_dir)}})),
+        "--duration-s",
+        "1",
+    )
+    assert proc.returncode == 3
+    assert "capacity_ah" in proc.stderr and "Traceback" not in proc.stderr
