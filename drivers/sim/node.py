@@ -11,14 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Literal
-
-import numpy as np
-from pydantic import Field, model_validator
 
 from bms.backends import Simulator
 from bms.comms.dbc import DbcCodec
-from bms.config import BmsConfig, ExistingPath, StrictModel
+from bms.config import BmsConfig
 from bms.estimation.cell_params import load_cell_params
 from bms.loop import RateKeeper
 from bms.types import ALL_OPEN, RelayStates
@@ -26,57 +22,13 @@ from drivers.can.contactors import RELAY_SIGNALS, relay_signals, relays_from_sig
 from drivers.can.link import open_bus, send_message
 from drivers.sim import load
 from drivers.sim.faults import FAULT_KINDS, Injection, make_injection, parse_injection
-from drivers.sim.plant import PackPlant, PlantPhysics, PlantSpread
+from drivers.sim.options import LoadOptions, SimOptions
+from drivers.sim.plant import PackPlant
 
 log = logging.getLogger(__name__)
 
 VOLTAGE_GROUP_SIZE = 4
 TEMP_GROUP_SIZE = 6
-
-
-class LoadOptions(StrictModel):
-    profile: Literal["constant", "pulse", "drive_cycle"] = "drive_cycle"
-    current_a: float = Field(-5.0, ge=-10000.0, le=10000.0)
-    pulse_period_s: float = Field(10.0, gt=0.0, le=86400.0)
-    pulse_duty: float = Field(0.5, ge=0.0, le=1.0)
-    drive_cycle_file: ExistingPath | None = None
-    drive_cycle_scale: float = Field(1.0, ge=-1000.0, le=1000.0)
-
-    @model_validator(mode="after")
-    def _file_for_drive_cycle(self) -> LoadOptions:
-        if self.profile == "drive_cycle" and self.drive_cycle_file is None:
-            raise ValueError("profile 'drive_cycle' needs drive_cycle_file")
-        return self
-
-
-class FaultOptions(StrictModel):
-    kind: Literal[tuple(FAULT_KINDS)]  # type: ignore[valid-type]
-    at_s: float = Field(ge=0.0)
-    cell: int | None = Field(None, ge=1, description="cell number, counting from 1")
-
-
-class SimOptions(StrictModel):
-    seed: int = 1
-    tx_period_s: float = Field(0.1, ge=0.001, le=10.0)
-    deadman_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
-    ambient_temp_c: float = Field(25.0, ge=-60.0, le=100.0)
-    initial_soc: float = Field(0.6, ge=0.0, le=1.0)
-    initial_soc_spread: float = Field(0.01, ge=0.0, le=0.5)
-    capacity_spread: float = Field(0.02, ge=0.0, le=0.5)
-    resistance_spread: float = Field(0.05, ge=0.0, le=0.5)
-    voltage_noise_v: float = Field(0.0005, ge=0.0, le=1.0)
-    voltage_offset_v: float = Field(0.001, ge=0.0, le=1.0)
-    current_noise_a: float = Field(0.02, ge=0.0, le=100.0)
-    current_offset_a: float = Field(0.05, ge=0.0, le=100.0)
-    temp_noise_c: float = Field(0.2, ge=0.0, le=10.0)
-    heat_capacity_j_per_k: float = Field(70.0, gt=0.0, le=1e6)
-    cooling_w_per_k: float = Field(0.1, ge=0.0, le=1e4)
-    overtemp_heat_w: float = Field(200.0, ge=0.0, le=1e6)
-    precharge_resistance_ohm: float = Field(50.0, gt=0.0, le=1e6)
-    link_capacitance_f: float = Field(0.004, gt=0.0, le=10.0)
-    short_resistance_ohm: float = Field(0.02, gt=0.0, le=1e3)
-    load: LoadOptions = LoadOptions(profile="constant")
-    faults: list[FaultOptions] = Field(default_factory=list)
 
 
 def _load_profile(options: LoadOptions):
@@ -108,27 +60,7 @@ class SimulatedPack(Simulator):
             load_cell_params(config.pack.cell_params),
             n_cells,
             config.pack.n_temp_sensors,
-            PlantSpread(
-                initial_soc=options.initial_soc,
-                initial_soc_spread=options.initial_soc_spread,
-                capacity_spread=options.capacity_spread,
-                resistance_spread=options.resistance_spread,
-                voltage_noise_v=options.voltage_noise_v,
-                voltage_offset_v=options.voltage_offset_v,
-                current_noise_a=options.current_noise_a,
-                current_offset_a=options.current_offset_a,
-                temp_noise_c=options.temp_noise_c,
-            ),
-            PlantPhysics(
-                ambient_temp_c=options.ambient_temp_c,
-                heat_capacity_j_per_k=options.heat_capacity_j_per_k,
-                cooling_w_per_k=options.cooling_w_per_k,
-                overtemp_heat_w=options.overtemp_heat_w,
-                precharge_resistance_ohm=options.precharge_resistance_ohm,
-                link_capacitance_f=options.link_capacitance_f,
-                short_resistance_ohm=options.short_resistance_ohm,
-            ),
-            np.random.default_rng(options.seed),
+            options,
         )
         codec = DbcCodec(config.can.dbc_file)
         self.codec = codec

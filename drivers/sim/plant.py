@@ -16,6 +16,7 @@ import numpy as np
 
 from bms.estimation.cell_params import CellParams
 from bms.types import ALL_OPEN, RelayStates
+from drivers.sim.options import SimOptions
 
 SECONDS_PER_HOUR = 3600.0
 KELVIN = 273.15
@@ -23,32 +24,6 @@ ARRHENIUS_K = 3000.0
 """Activation energy over the gas constant (K): resistance rises about 2.5x from 25 to 0 degC."""
 LINK_BLEED_OHM = 10000.0
 """Discharge resistor across the DC link, so the link voltage decays once disconnected."""
-
-
-@dataclass(frozen=True, slots=True)
-class PlantSpread:
-    """How the simulated cells and sensors scatter around nominal (standard deviations)."""
-
-    initial_soc: float
-    initial_soc_spread: float
-    capacity_spread: float
-    resistance_spread: float
-    voltage_noise_v: float
-    voltage_offset_v: float
-    current_noise_a: float
-    current_offset_a: float
-    temp_noise_c: float
-
-
-@dataclass(frozen=True, slots=True)
-class PlantPhysics:
-    ambient_temp_c: float
-    heat_capacity_j_per_k: float
-    cooling_w_per_k: float
-    overtemp_heat_w: float
-    precharge_resistance_ohm: float
-    link_capacitance_f: float
-    short_resistance_ohm: float
 
 
 @dataclass(slots=True)
@@ -82,30 +57,27 @@ class PackPlant:
         cell: CellParams,
         n_cells: int,
         n_temp_sensors: int,
-        spread: PlantSpread,
-        physics: PlantPhysics,
-        rng: np.random.Generator,
+        options: SimOptions,
     ):
         self.cell = cell
-        self.physics = physics
-        self.spread = spread
-        self.rng = rng
+        self.options = options
+        self.rng = rng = np.random.default_rng(options.seed)
         scatter = lambda sigma: 1.0 + sigma * rng.standard_normal(n_cells)  # noqa: E731
-        self.capacity_ah = cell.capacity_ah * scatter(spread.capacity_spread)
-        resistance_factor = scatter(spread.resistance_spread)
+        self.capacity_ah = cell.capacity_ah * scatter(options.capacity_spread)
+        resistance_factor = scatter(options.resistance_spread)
         self.r0_ohm = cell.r0_ohm * resistance_factor
         self.r1_ohm = cell.r1_ohm * resistance_factor
         self.r2_ohm = cell.r2_ohm * resistance_factor
         self.c1_f = np.full(n_cells, cell.c1_f)
         self.c2_f = np.full(n_cells, cell.c2_f)
         self.soc = np.clip(
-            spread.initial_soc + spread.initial_soc_spread * rng.standard_normal(n_cells), 0, 1
+            options.initial_soc + options.initial_soc_spread * rng.standard_normal(n_cells), 0, 1
         )
         self.v_rc1_v = np.zeros(n_cells)
         self.v_rc2_v = np.zeros(n_cells)
-        self.temp_c = np.full(n_cells, physics.ambient_temp_c)
-        self.voltage_offset_v = spread.voltage_offset_v * rng.standard_normal(n_cells)
-        self.current_offset_a = spread.current_offset_a * float(rng.standard_normal())
+        self.temp_c = np.full(n_cells, options.ambient_temp_c)
+        self.voltage_offset_v = options.voltage_offset_v * rng.standard_normal(n_cells)
+        self.current_offset_a = options.current_offset_a * float(rng.standard_normal())
         # Temperature sensor j sits on cell sensor_cell[j].
         self.sensor_cell = (np.arange(n_temp_sensors) * n_cells) // n_temp_sensors
         self.relays = ALL_OPEN
@@ -130,7 +102,7 @@ class PackPlant:
         draws what the pack's internal resistance and the short's resistance allow.
         """
         self._move_relays(command)
-        p = self.physics
+        o = self.options
         emf_pack_v = float(
             self.cell.ocv_at(self.soc).sum() + self.v_rc1_v.sum() + self.v_rc2_v.sum()
         )
@@ -140,10 +112,10 @@ class PackPlant:
         if main:
             current = load_current_a
             if self.faults.short:
-                current -= emf_pack_v / (r_pack_ohm + p.short_resistance_ohm)
+                current -= emf_pack_v / (r_pack_ohm + o.short_resistance_ohm)
         elif pre:
             current = -(emf_pack_v - self.link_voltage_v) / (
-                p.precharge_resistance_ohm + r_pack_ohm
+                o.precharge_resistance_ohm + r_pack_ohm
             )
         else:
             current = 0.0
@@ -154,10 +126,10 @@ class PackPlant:
         if main:
             self.link_voltage_v = pack_v
         elif pre:
-            tau = p.precharge_resistance_ohm * p.link_capacitance_f
+            tau = o.precharge_resistance_ohm * o.link_capacitance_f
             self.link_voltage_v += (pack_v - self.link_voltage_v) * (1 - math.exp(-dt_s / tau))
         else:
-            self.link_voltage_v *= math.exp(-dt_s / (LINK_BLEED_OHM * p.link_capacitance_f))
+            self.link_voltage_v *= math.exp(-dt_s / (LINK_BLEED_OHM * o.link_capacitance_f))
 
     def _move_relays(self, command: RelayStates) -> None:
         positive = command.positive or (self.faults.weld and self.relays.positive)
@@ -174,21 +146,21 @@ class PackPlant:
             decay = np.exp(-dt_s / (r * c))
             v *= decay
             v += r * current_a * (1.0 - decay)
-        p = self.physics
+        o = self.options
         heat_w = current_a**2 * r0 + self.v_rc1_v**2 / r1 + self.v_rc2_v**2 / r2
         for cell in self.faults.overtemp:
-            heat_w[cell] += p.overtemp_heat_w
-        cooling_w = p.cooling_w_per_k * (p.ambient_temp_c - self.temp_c)
-        self.temp_c = self.temp_c + dt_s * (heat_w + cooling_w) / p.heat_capacity_j_per_k
+            heat_w[cell] += o.overtemp_heat_w
+        cooling_w = o.cooling_w_per_k * (o.ambient_temp_c - self.temp_c)
+        self.temp_c = self.temp_c + dt_s * (heat_w + cooling_w) / o.heat_capacity_j_per_k
 
     # ---------------------------------------------------------------- sensors
     def readings(self) -> Readings:
         """Sample every sensor once, with offsets, noise and injected sensor faults."""
-        s = self.spread
+        o = self.options
         n = self.soc.size
         noise = self.rng.standard_normal
         cell_v = self.terminal_voltage_v(self.current_a) + self.voltage_offset_v
-        cell_v = cell_v + s.voltage_noise_v * noise(n)
+        cell_v = cell_v + o.voltage_noise_v * noise(n)
         invalid = np.zeros(n, dtype=bool)
         for cell in self.faults.open_wire:
             cell_v[cell] = 0.0
@@ -197,13 +169,13 @@ class PackPlant:
             cell_v[cell] = frozen_v
         for cell in self.faults.nan:
             cell_v[cell] = math.nan
-        temps = self.temp_c[self.sensor_cell] + s.temp_noise_c * noise(self.sensor_cell.size)
+        temps = self.temp_c[self.sensor_cell] + o.temp_noise_c * noise(self.sensor_cell.size)
         pack_v = float(self.terminal_voltage_v(self.current_a).sum())
         return Readings(
             cell_voltage_v=cell_v,
             cell_voltage_invalid=invalid,
             cell_temp_c=temps,
-            current_a=self.current_a + self.current_offset_a + s.current_noise_a * noise(),
+            current_a=self.current_a + self.current_offset_a + o.current_noise_a * noise(),
             pack_voltage_v=pack_v + 0.01 * noise(),
             link_voltage_v=max(0.0, self.link_voltage_v + 0.01 * noise()),
             relays=self.relays,

@@ -9,14 +9,24 @@ import pytest
 
 from bms.estimation.cell_params import load_cell_params
 from bms.types import ALL_OPEN, RelayStates
-from drivers.sim.plant import PackPlant, PlantPhysics, PlantSpread
+from drivers.sim.options import SimOptions
+from drivers.sim.plant import PackPlant
 from tests.conftest import REPO
 
 CELL = load_cell_params(REPO / "models" / "ecm" / "generic_nmc")
 CLOSED = RelayStates(True, False, True)
 PRECHARGING = RelayStates(True, True, False)
-NO_SPREAD = PlantSpread(0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-PHYSICS = PlantPhysics(
+# An ideal pack: every cell nominal, every sensor exact.
+IDEAL = SimOptions(
+    initial_soc=0.5,
+    initial_soc_spread=0.0,
+    capacity_spread=0.0,
+    resistance_spread=0.0,
+    voltage_noise_v=0.0,
+    voltage_offset_v=0.0,
+    current_noise_a=0.0,
+    current_offset_a=0.0,
+    temp_noise_c=0.0,
     ambient_temp_c=25.0,
     heat_capacity_j_per_k=70.0,
     cooling_w_per_k=0.1,
@@ -27,8 +37,8 @@ PHYSICS = PlantPhysics(
 )
 
 
-def plant(n_cells=4, spread=NO_SPREAD, physics=PHYSICS, seed=0) -> PackPlant:
-    return PackPlant(CELL, n_cells, n_cells, spread, physics, np.random.default_rng(seed))
+def plant(n_cells=4, **changes) -> PackPlant:
+    return PackPlant(CELL, n_cells, n_cells, IDEAL.model_copy(update=changes))
 
 
 def test_open_contactors_carry_no_current():
@@ -63,17 +73,12 @@ def test_terminal_voltage_sags_then_relaxes_like_an_rc_network():
 
 def test_cold_cells_have_higher_resistance():
     warm = plant(n_cells=1)
-    cold = plant(n_cells=1, physics=_with(PHYSICS, ambient_temp_c=0.0))
+    cold = plant(n_cells=1, ambient_temp_c=0.0)
     for p in (warm, cold):
         p.step(0.001, -10.0, CLOSED)
     warm_drop = float(CELL.ocv_at(0.5)) - float(warm.readings().cell_voltage_v[0])
     cold_drop = float(CELL.ocv_at(0.5)) - float(cold.readings().cell_voltage_v[0])
     assert 2.0 < cold_drop / warm_drop < 3.0
-
-
-def _with(physics: PlantPhysics, **changes) -> PlantPhysics:
-    fields = {name: getattr(physics, name) for name in physics.__slots__}
-    return PlantPhysics(**{**fields, **changes})
 
 
 def test_joule_heat_warms_and_ambient_cools():
@@ -88,7 +93,7 @@ def test_joule_heat_warms_and_ambient_cools():
 
 def test_precharge_charges_the_link_through_the_resistor():
     p = plant()
-    tau_s = PHYSICS.precharge_resistance_ohm * PHYSICS.link_capacitance_f
+    tau_s = IDEAL.precharge_resistance_ohm * IDEAL.link_capacitance_f
     for _ in range(int(3 * tau_s / 0.01)):
         p.step(0.01, -10.0, PRECHARGING)
         assert p.current_a <= 0.0  # precharge current flows out of the pack, not the load
@@ -135,8 +140,8 @@ def test_overtemp_heats_only_its_cell():
 
 
 def test_cells_scatter_around_nominal_reproducibly():
-    spread = PlantSpread(0.5, 0.02, 0.05, 0.1, 0.001, 0.002, 0.01, 0.1, 0.1)
-    a, b = plant(n_cells=100, spread=spread, seed=7), plant(n_cells=100, spread=spread, seed=7)
+    spread = {"initial_soc_spread": 0.02, "capacity_spread": 0.05, "resistance_spread": 0.1}
+    a, b = plant(n_cells=100, seed=7, **spread), plant(n_cells=100, seed=7, **spread)
     assert a.capacity_ah.tolist() == b.capacity_ah.tolist()
     assert np.std(a.capacity_ah / CELL.capacity_ah) == pytest.approx(0.05, rel=0.3)
     assert np.std(a.soc) == pytest.approx(0.02, rel=0.3)
