@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CELL_VOLTAGE_GROUP = "cell_voltage"
+"""Names of the front-end's signal groups, as reported in ``Measurement.stale_groups``."""
+TEMPERATURE_GROUP = "temperature"
+PACK_GROUP = "pack"
+
 
 @dataclass(slots=True)
 class Measurement:

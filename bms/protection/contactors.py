@@ -4,8 +4,10 @@ Pure: it takes the time, the wish to close, the diagnosis verdict, the relay fee
 two voltages, and returns the relay command. Precharge (foxBMS ``bms.h``): close the negative
 contactor and the precharge relay, wait until the DC link reaches ``precharge_ratio`` of the
 pack voltage (within ``precharge_timeout_s``), close the positive contactor, then open the
-precharge relay. Opening opens everything and watches the feedback: a contactor still closed
-after ``feedback_timeout_s`` is a weld. The faults it finds are reported every cycle after
+precharge relay. A precharge starts only when nothing forbids a close and aborts as soon as
+something does. Every step waits for the feedback to confirm the command (``relay_settle_s``).
+Opening opens everything and watches the feedback: a contactor still closed after
+``relay_settle_s`` is a weld. The faults it finds are reported every cycle after
 they are found, so the diagnosis table debounces and latches them like any other.
 """
 
@@ -24,7 +26,8 @@ CLOSED = RelayStates(negative=True, precharge=False, positive=True)
 
 
 class _Step(enum.Enum):
-    """Sub-steps of PRECHARGE: charging the link, then closing the positive contactor."""
+    """Sub-steps of PRECHARGE: charge the link, close the positive contactor, open the
+    precharge relay. Each re-enters PRECHARGE so its settle time counts from its own start."""
 
     CHARGE_LINK = 1
     CLOSE_POSITIVE = 2
@@ -47,7 +50,7 @@ class ContactorStateMachine:
         self.command = ALL_OPEN
         self.faults: set[str] = set()
         self._step = _Step.CHARGE_LINK
-        self._since_s = 0.0
+        self._since_s: float | None = None
 
     def step(
         self,
@@ -60,36 +63,37 @@ class ContactorStateMachine:
         link_voltage_v: float,
     ) -> ContactorOutput:
         """Advance one cycle and return the state and the relay command for this cycle."""
+        if self._since_s is None:
+            self._since_s = t_s
         in_state_s = t_s - self._since_s
+        settle_s = self.config.relay_settle_s
         follows = feedback.valid and feedback.relays == self.command
-        settled = follows or in_state_s < self.config.feedback_timeout_s
+        settled = follows or in_state_s < settle_s
         # Invalid feedback is the diagnosis table's concern (contactor_feedback_invalid); here
         # it only stops the machine from confirming anything.
         state = self.state
 
         if state is ContactorState.OPEN:
-            if (
-                feedback.valid
-                and feedback.relays.any_closed
-                and in_state_s >= self.config.feedback_timeout_s
-            ):
+            if feedback.valid and feedback.relays.any_closed and in_state_s >= settle_s:
                 # Nothing was commanded closed: a closed contact here is welded (or wired wrong).
                 self.faults.add("contactor_weld")
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
             elif open_now:
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
-            elif close_requested and not no_close and feedback.valid and follows:
+            elif close_requested and not no_close and follows:
                 self._step = _Step.CHARGE_LINK
                 self._enter(ContactorState.PRECHARGE, t_s, PRECHARGING)
 
         elif state is ContactorState.PRECHARGE:
-            if open_now or not close_requested:
+            if open_now or no_close or not close_requested:
                 self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
             elif not settled:
                 self.faults.add("contactor_feedback_mismatch")
                 self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
             elif self._step is _Step.CHARGE_LINK:
-                if _reached(link_voltage_v, pack_voltage_v, self.config.precharge_ratio):
+                if follows and _balanced(
+                    link_voltage_v, pack_voltage_v, self.config.precharge_ratio
+                ):
                     self._step = _Step.CLOSE_POSITIVE
                     self._enter(ContactorState.PRECHARGE, t_s, BRIDGING)
                 elif in_state_s >= self.config.precharge_timeout_s:
@@ -113,9 +117,9 @@ class ContactorStateMachine:
             if feedback.valid and not feedback.relays.any_closed:
                 latched = open_now or bool(self.faults)
                 self._enter(ContactorState.FAULT if latched else ContactorState.OPEN, t_s, ALL_OPEN)
-            elif in_state_s >= self.config.feedback_timeout_s:
-                if feedback.valid:
-                    self.faults.add("contactor_weld")
+            elif in_state_s >= settle_s:
+                unconfirmed = "contactor_weld" if feedback.valid else "contactor_open_unconfirmed"
+                self.faults.add(unconfirmed)
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
 
         elif state is ContactorState.FAULT and feedback.valid and feedback.relays.any_closed:
@@ -129,7 +133,9 @@ class ContactorStateMachine:
         self._since_s = t_s
 
 
-def _reached(link_voltage_v: float, pack_voltage_v: float, ratio: float) -> bool:
+def _balanced(link_voltage_v: float, pack_voltage_v: float, ratio: float) -> bool:
+    """The link is within (1 - ratio) of the pack voltage, from below or from above (a charger
+    may hold the link higher): only then may the main contactor close across them."""
     if math.isnan(link_voltage_v) or math.isnan(pack_voltage_v) or pack_voltage_v <= 0.0:
         return False
-    return link_voltage_v >= ratio * pack_voltage_v
+    return abs(pack_voltage_v - link_voltage_v) <= (1.0 - ratio) * pack_voltage_v

@@ -1,11 +1,15 @@
 """The diagnosis table: conditions become debounced faults, faults become actions.
 
 As in foxBMS's ``diag_cfg.c`` the table is data: one row per fault with its id, the action it
-takes and a description a person reads. A condition must hold for ``debounce_cycles``
-consecutive cycles before its fault is active; an active fault with ``OPEN_AFTER_DELAY`` opens
-the contactors (and latches) once it has been active for ``open_delay_s``; ``OPEN_NOW`` latches
-at once. A latched fault stays latched (and the contactors open) until it is cleared by an
-explicit request, which the walking skeleton does not offer yet: a latch lasts until restart.
+takes and a description a person reads. Each row keeps an up/down counter (foxBMS's debounce):
+a cycle with the condition present adds 1, a clean cycle takes away ``CLEAR_STEP``, and a cycle
+where the condition cannot be judged (its signal is NaN, its stage failed) leaves the counter
+alone. The fault becomes active when the counter reaches the row's debounce count (so N
+consecutive cycles always suffice) and stays active until the counter is back at zero; a
+condition that comes and goes therefore still trips instead of resetting forever.
+An active ``OPEN_AFTER_DELAY`` fault opens the contactors and latches once it has been active
+for ``open_delay_s``; ``OPEN_NOW`` latches at once. Until restart (persistence comes with the
+service issue) a latched fault stays latched and keeps the contactors open.
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ class Action(enum.IntEnum):
     OPEN_NOW = 4
 
 
+CLEAR_STEP = 0.5
+"""What a clean cycle takes off the counter: clearing needs twice as many cycles as setting."""
+
+
 @dataclass(frozen=True, slots=True)
 class FaultSpec:
     fault_id: str
     action: Action
     description: str
+    debounce_cycles: int | None = None
+    """Cycles to set this fault; None means the configured ``fault_debounce_cycles``."""
 
 
 FAULT_TABLE: tuple[FaultSpec, ...] = (
@@ -71,7 +81,18 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
     ),
     FaultSpec("frontend_error", Action.OPEN_AFTER_DELAY, "the front-end failed to read"),
     FaultSpec("loop_lag", Action.OPEN_AFTER_DELAY, "the control loop wakes up late on average"),
-    FaultSpec("internal_error", Action.OPEN_NOW, "a stage of the cycle raised an exception"),
+    FaultSpec(
+        "loop_stalled",
+        Action.OPEN_NOW,
+        "one wake-up came later than loop.stall_limit_s",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
+        "internal_error",
+        Action.OPEN_NOW,
+        "a stage of the cycle raised an exception",
+        debounce_cycles=1,
+    ),
     FaultSpec(
         "contactor_feedback_invalid",
         Action.OPEN_AFTER_DELAY,
@@ -110,34 +131,39 @@ class Diagnosis:
     """Debounces conditions into faults and latches the ones that open the contactors."""
 
     def __init__(self, debounce_cycles: int, open_delay_s: float):
-        self.debounce_cycles = debounce_cycles
         self.open_delay_s = open_delay_s
-        self._counts = dict.fromkeys(FAULTS, 0)
+        self._needed = {
+            fault_id: spec.debounce_cycles or debounce_cycles for fault_id, spec in FAULTS.items()
+        }
+        self._counts = dict.fromkeys(FAULTS, 0.0)
+        self._active = dict.fromkeys(FAULTS, False)
         self._active_s = dict.fromkeys(FAULTS, 0.0)
         self._latched: dict[str, None] = {}
 
-    def update(self, conditions: Mapping[str, bool], dt_s: float) -> Verdict:
-        """Take this cycle's raw conditions (fault id -> present) and return the verdict.
+    def update(self, conditions: Mapping[str, bool | None], dt_s: float) -> Verdict:
+        """Take this cycle's raw conditions and return the verdict.
 
-        Every condition is debounced the same way, so a stage that reports a fault (the
-        contactor state machine, say) keeps reporting it for as long as it holds.
+        ``conditions`` maps fault ids to True (present), False (absent) or None (cannot be
+        judged this cycle); a fault id left out counts as absent. A stage that reports a fault
+        (the contactor state machine, say) keeps reporting it for as long as it holds.
         """
         unknown = set(conditions) - FAULTS.keys()
         if unknown:
             raise KeyError(f"conditions not in the diagnosis table: {sorted(unknown)}")
-        active = []
         newly_latched = []
         for fault_id, spec in FAULTS.items():
-            was_active = self._counts[fault_id] >= self.debounce_cycles
-            if conditions.get(fault_id, False):
-                self._counts[fault_id] = min(self._counts[fault_id] + 1, self.debounce_cycles)
-            else:
-                self._counts[fault_id] = 0
+            present = conditions.get(fault_id, False)
+            needed = self._needed[fault_id]
+            if present:
+                self._counts[fault_id] = min(self._counts[fault_id] + 1.0, needed)
+            elif present is not None:
+                self._counts[fault_id] = max(self._counts[fault_id] - CLEAR_STEP, 0.0)
+            was_active = self._active[fault_id]
+            active = self._counts[fault_id] >= needed or (was_active and self._counts[fault_id] > 0)
+            self._active[fault_id] = active
+            if not active:
                 self._active_s[fault_id] = 0.0
                 continue
-            if self._counts[fault_id] < self.debounce_cycles:
-                continue
-            active.append(fault_id)
             # The open delay counts from the cycle the fault became active.
             self._active_s[fault_id] = self._active_s[fault_id] + dt_s if was_active else 0.0
             opens = spec.action is Action.OPEN_NOW or (
@@ -147,11 +173,15 @@ class Diagnosis:
             if opens and fault_id not in self._latched:
                 self._latched[fault_id] = None
                 newly_latched.append(fault_id)
-        no_close = any(FAULTS[f].action >= Action.NO_CLOSE for f in active)
+        # A close waits until every row that forbids one has cleared completely, not merely
+        # until nothing is debounced: no precharge starts while a condition is still present.
+        no_close = bool(self._latched) or any(
+            self._counts[f] > 0 for f, spec in FAULTS.items() if spec.action >= Action.NO_CLOSE
+        )
         return Verdict(
-            active=tuple(active),
+            active=tuple(f for f in FAULTS if self._active[f]),
             latched=tuple(self._latched),
             open_now=bool(self._latched),
-            no_close=no_close or bool(self._latched),
+            no_close=no_close,
             newly_latched=tuple(newly_latched),
         )

@@ -1,7 +1,8 @@
 """Validation of one sample: limit checks and plausibility, as raw (undebounced) conditions.
 
-The result maps fault ids of the diagnosis table to "present this cycle"; the table debounces
-them. NaN never passes a limit check silently: it is its own condition (``*_invalid``).
+The result maps fault ids of the diagnosis table to present (True), absent (False) or unknown
+(None); the table debounces them. NaN never passes a limit check: it is its own condition
+(``*_invalid``), and a limit check over NaN values is unknown, not clean.
 """
 
 from __future__ import annotations
@@ -10,10 +11,6 @@ import numpy as np
 
 from bms.config import ProtectionConfig
 from bms.types import Measurement
-
-CELL_VOLTAGE_GROUP = "cell_voltage"
-TEMPERATURE_GROUP = "temperature"
-PACK_GROUP = "pack"
 
 
 class StuckDetector:
@@ -40,35 +37,40 @@ class StuckDetector:
         return self._unchanged_s >= self.stuck_time_s
 
 
+def _exceeds(values: np.ndarray, limit: float, above: bool) -> bool | None:
+    """True if a valid value is beyond ``limit``; None if not, but some values are NaN (a NaN
+    cell may be the one beyond it); False if every value is valid and within."""
+    valid = values[~np.isnan(values)]
+    if valid.size and (valid.max() > limit if above else valid.min() < limit):
+        return True
+    return None if valid.size < values.size else False
+
+
 def measurement_conditions(
     m: Measurement, limits: ProtectionConfig, stuck: np.ndarray
-) -> dict[str, bool]:
-    """Raw conditions from one measurement against the protection limits."""
+) -> dict[str, bool | None]:
+    """Raw conditions from one measurement: True present, False absent, None unknown."""
     v = m.cell_voltage_v
     t = m.cell_temp_c
     i = m.current_a
-    v_valid = v[~np.isnan(v)]
-    t_valid = t[~np.isnan(t)]
-    cells_stale = CELL_VOLTAGE_GROUP in m.stale_groups
-    temps_stale = TEMPERATURE_GROUP in m.stale_groups
-    pack_stale = PACK_GROUP in m.stale_groups
-    sum_mismatch = (
-        not np.isnan(v).any()
-        and not np.isnan(m.pack_voltage_v)
-        and abs(float(v.sum()) - m.pack_voltage_v) > limits.pack_voltage_tolerance_v
-    )
+    current_known = not np.isnan(i)
+    all_known = not np.isnan(v).any() and not np.isnan(m.pack_voltage_v)
     return {
-        "cell_overvoltage": bool(v_valid.size and v_valid.max() > limits.cell_voltage_max_v),
-        "cell_undervoltage": bool(v_valid.size and v_valid.min() < limits.cell_voltage_min_v),
-        "cell_voltage_invalid": bool(np.isnan(v).any()) and not cells_stale,
+        "cell_overvoltage": _exceeds(v, limits.cell_voltage_max_v, above=True),
+        "cell_undervoltage": _exceeds(v, limits.cell_voltage_min_v, above=False),
+        "cell_voltage_invalid": bool(np.isnan(v).any()),
         "cell_voltage_stuck": bool(stuck.any()),
-        "pack_voltage_mismatch": bool(sum_mismatch),
-        "overtemperature": bool(t_valid.size and t_valid.max() > limits.temp_max_c),
-        "undertemperature": bool(t_valid.size and t_valid.min() < limits.temp_min_c),
-        "temperature_invalid": bool(np.isnan(t).any()) and not temps_stale,
-        "charge_overcurrent": bool(i > limits.charge_current_max_a),
-        "discharge_overcurrent": bool(-i > limits.discharge_current_max_a),
-        "short_circuit": bool(abs(i) > limits.short_circuit_current_a),
-        "current_invalid": bool(np.isnan(i)) and not pack_stale,
+        "pack_voltage_mismatch": (
+            abs(float(v.sum()) - m.pack_voltage_v) > limits.pack_voltage_tolerance_v
+            if all_known
+            else None
+        ),
+        "overtemperature": _exceeds(t, limits.temp_max_c, above=True),
+        "undertemperature": _exceeds(t, limits.temp_min_c, above=False),
+        "temperature_invalid": bool(np.isnan(t).any()),
+        "charge_overcurrent": i > limits.charge_current_max_a if current_known else None,
+        "discharge_overcurrent": -i > limits.discharge_current_max_a if current_known else None,
+        "short_circuit": abs(i) > limits.short_circuit_current_a if current_known else None,
+        "current_invalid": not current_known,
         "frontend_timeout": bool(m.stale_groups),
     }

@@ -11,7 +11,7 @@ from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, RelayStates
 PERIOD_S = 0.1
 PACK_V = 60.0
 CONFIG = ControlConfig(
-    close_on_start=True, precharge_ratio=0.95, precharge_timeout_s=2.0, feedback_timeout_s=0.3
+    close_on_start=True, precharge_ratio=0.95, precharge_timeout_s=2.0, relay_settle_s=0.3
 )
 
 
@@ -132,3 +132,52 @@ def test_invalid_feedback_never_confirms_a_close():
     fsm, box = ContactorStateMachine(CONFIG), Box(feedback_valid=False)
     out = drive(fsm, box, 20)
     assert out.state is ContactorState.OPEN and out.command == ALL_OPEN
+
+
+def test_a_fault_appearing_during_precharge_aborts_it():
+    fsm, box = ContactorStateMachine(CONFIG), Box(tau_s=1.0)
+    drive(fsm, box, 2)
+    assert fsm.state is ContactorState.PRECHARGE
+    out = drive(fsm, box, 1, t0_s=0.2, no_close=True)
+    assert out.state is ContactorState.OPENING and out.command == ALL_OPEN
+    out = drive(fsm, box, 2, t0_s=0.3, no_close=True)
+    assert out.state is ContactorState.OPEN and out.faults == frozenset()
+
+
+def test_a_link_held_above_the_pack_does_not_count_as_precharged():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    for n in range(30):
+        out = fsm.step(n * PERIOD_S, True, False, False, box.feedback(), PACK_V, 80.0)
+        box.obey(out.command)
+        assert not out.command.positive, "the main contactor must not close across 20 V"
+    assert "precharge_failed" in out.faults
+
+
+def test_precharge_completes_only_once_the_relays_are_confirmed():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    # the link already sits at pack voltage, but nothing has been confirmed closed yet
+    out = fsm.step(0.0, True, False, False, box.feedback(), PACK_V, PACK_V)
+    assert out.command == RelayStates(True, True, False)
+    out = fsm.step(0.1, True, False, False, box.feedback(), PACK_V, PACK_V)  # not obeyed yet
+    assert out.command == RelayStates(True, True, False)
+
+
+def test_opening_that_feedback_cannot_confirm_is_its_own_fault():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    drive(fsm, box, 20)
+    box.feedback_valid = False
+    out = drive(fsm, box, 10, t0_s=2.0, open_now=True)
+    assert out.state is ContactorState.FAULT
+    assert out.faults == frozenset({"contactor_open_unconfirmed"})
+
+
+def test_time_starts_at_the_first_step_not_at_zero():
+    fsm = ContactorStateMachine(CONFIG)
+    closed = ContactorFeedback(RelayStates(True, False, True), valid=True)
+    # a restart on the monotonic clock (t = 5000 s) finding the relays still closed
+    out = fsm.step(5000.0, True, False, False, closed, PACK_V, PACK_V)
+    assert out.faults == frozenset()
+    out = fsm.step(
+        5000.0 + CONFIG.relay_settle_s + 0.01, True, False, False, closed, PACK_V, PACK_V
+    )
+    assert out.faults == frozenset({"contactor_weld"})

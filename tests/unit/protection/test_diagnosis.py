@@ -28,12 +28,53 @@ def test_debounce_needs_n_consecutive_cycles():
     assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
 
 
-def test_a_gap_restarts_the_debounce():
+def test_a_clean_cycle_takes_half_a_count_back():
     diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
     run(diagnosis, {"cell_overvoltage": True}, 2)
-    run(diagnosis, {"cell_overvoltage": False}, 1)
+    run(diagnosis, {"cell_overvoltage": False}, 1)  # 2 -> 1.5
+    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ()  # 2.5
+    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+
+
+def test_enough_clean_cycles_forget_an_old_condition():
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
+    run(diagnosis, {"cell_overvoltage": True}, 2)
+    run(diagnosis, {"cell_overvoltage": False}, 4)  # back to zero
     assert run(diagnosis, {"cell_overvoltage": True}, 2).active == ()
     assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+
+
+def test_unknown_cycles_hold_the_count():
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
+    run(diagnosis, {"cell_overvoltage": True}, 2)
+    run(diagnosis, {"cell_overvoltage": None}, 20)  # the cell read NaN: neither way
+    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+
+
+def test_a_condition_that_comes_and_goes_still_latches():
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=0.5)
+    verdicts = []
+    for n in range(40):
+        verdicts.append(diagnosis.update({"cell_voltage_invalid": n % 2 == 0}, PERIOD_S))
+    assert "cell_voltage_invalid" in verdicts[-1].latched
+    first_active = next(n for n, v in enumerate(verdicts) if v.active)
+    assert first_active == 8  # +1 -0.5 per pair: 1, .5, 1.5, 1, 2, 1.5, 2.5, 2, 3
+
+
+def test_an_active_fault_clears_only_when_its_count_is_back_at_zero():
+    diagnosis = Diagnosis(debounce_cycles=2, open_delay_s=10.0)
+    run(diagnosis, {"overtemperature": True}, 2)
+    assert run(diagnosis, {"overtemperature": False}, 3).active == ("overtemperature",)
+    assert run(diagnosis, {"overtemperature": False}, 1).active == ()
+
+
+def test_no_close_from_the_first_cycle_a_condition_is_present():
+    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
+    verdict = run(diagnosis, {"cell_overvoltage": True}, 1)
+    assert verdict.active == () and verdict.no_close
+    verdict = run(diagnosis, {"cell_overvoltage": False}, 1)
+    assert verdict.no_close  # 0.5 left: not yet clean
+    assert not run(diagnosis, {"cell_overvoltage": False}, 1).no_close
 
 
 def test_open_after_delay_latches_once_active_for_the_delay():
@@ -65,8 +106,8 @@ def test_latch_outlives_the_condition_and_blocks_closing():
 
 def test_a_condition_cleared_before_the_delay_never_latches():
     diagnosis = Diagnosis(debounce_cycles=1, open_delay_s=0.5)
-    run(diagnosis, {"cell_undervoltage": True}, 5)  # active for 0.4 s
-    verdict = run(diagnosis, {"cell_undervoltage": False}, 1)
+    run(diagnosis, {"cell_undervoltage": True}, 3)  # active for 0.2 s
+    verdict = run(diagnosis, {"cell_undervoltage": False}, 2)  # 1 -> 0: cleared after 0.3 s
     assert verdict.active == () and verdict.latched == () and not verdict.no_close
     # and the delay starts again from zero
     assert run(diagnosis, {"cell_undervoltage": True}, 5).latched == ()

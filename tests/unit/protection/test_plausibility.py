@@ -81,13 +81,36 @@ def test_all_cells_nan_cannot_hide_an_overvoltage_check():
     assert raised(m) == {"cell_voltage_invalid"}
 
 
-def test_stale_group_is_a_timeout_not_an_invalid_value():
+def test_stale_values_are_a_timeout_and_missing():
     m = sample(
         cell_voltage_v=np.full(4, math.nan),
         current_a=math.nan,
         stale_groups=("cell_voltage", "pack"),
     )
-    assert raised(m) == {"frontend_timeout"}
+    assert raised(m) == {"frontend_timeout", "cell_voltage_invalid", "current_invalid"}
+
+
+def test_limit_checks_over_missing_values_are_unknown_not_clean():
+    conditions = measurement_conditions(
+        sample(cell_voltage_v=np.array([3.7, math.nan, 3.69, 3.7]), current_a=math.nan),
+        LIMITS,
+        NO_STUCK,
+    )
+    for fault_id in (
+        "cell_overvoltage",
+        "cell_undervoltage",
+        "pack_voltage_mismatch",
+        "charge_overcurrent",
+        "discharge_overcurrent",
+        "short_circuit",
+    ):
+        assert conditions[fault_id] is None, fault_id
+    assert conditions["overtemperature"] is False  # temperatures are all valid
+    # a valid cell beyond the limit is present whatever the others read
+    conditions = measurement_conditions(
+        sample(cell_voltage_v=np.array([4.3, math.nan, 3.69, 3.7])), LIMITS, NO_STUCK
+    )
+    assert conditions["cell_overvoltage"] is True
 
 
 def test_stuck_mask_raises_stuck():
