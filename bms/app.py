@@ -7,7 +7,9 @@ commanded open and the feedback is awaited before the backends close.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import signal
 import sys
 import threading
@@ -32,6 +34,7 @@ EXIT_OK = 0
 EXIT_CONTACTORS_NOT_CONFIRMED_OPEN = 1
 EXIT_USAGE_ERROR = 2
 EXIT_SETUP_FAILED = 3
+EXIT_LOOP_FAILED = 4
 
 SETUP_ERRORS = (FrontEndError, DbcError, CellParamsError, ValueError, OSError)
 """Errors that mean the configured hardware or files cannot be used: reported, not traced."""
@@ -79,6 +82,8 @@ def run(
         except SETUP_ERRORS as exc:
             log.error("cannot start: %s", exc)
             return EXIT_SETUP_FAILED
+        writer = LineWriter(out)
+        resources.callback(writer.close)
 
         if not cycle.wait_for_first_sample(time.monotonic, config.loop.startup_timeout_s):
             log.error(
@@ -92,11 +97,13 @@ def run(
         start_s, _ = rate.wait()
         next_report_s = start_s
         status = None
+        failed = False
         log.info("control loop running at %.0f Hz", 1.0 / config.loop.period_s)
         try:
             while not stop.event.is_set():
                 now_s, dt_s = rate.wait()
-                status = cycle.run(now_s, dt_s, rate.lagging)
+                stalled = rate.last_lateness_s > config.loop.stall_limit_s
+                status = cycle.run(now_s, dt_s, rate.lagging, stalled)
                 compute_s = time.monotonic() - now_s
                 timing.add(compute_s)
                 worst_overall_s = max(worst_overall_s, compute_s)
@@ -104,13 +111,14 @@ def run(
                     record = status_record(
                         status, start_s, timing.mean_s, timing.worst_s, rate.missed_cycles
                     )
-                    print(emit(record), file=out, flush=True)
+                    writer.write(emit(record))
                     timing = CycleTiming()
                     next_report_s += config.loop.status_interval_s
                 if duration_s is not None and now_s - start_s >= duration_s:
                     stop.reason = stop.reason or "duration reached"
                     break
         except Exception:
+            failed = True
             log.exception("control loop failed; opening contactors")
         finally:
             opened = cycle.open_and_wait(time.monotonic, SHUTDOWN_OPEN_TIMEOUT_S)
@@ -120,22 +128,50 @@ def run(
             )
         summary = {
             "summary": True,
-            "stopped_by": stop.reason or "error",
+            "stopped_by": "error" if failed else stop.reason,
             "run_time_s": round(time.monotonic() - start_s, 3),
             "contactors": "open" if opened else "unconfirmed",
             "latched": list(status.latched_faults) if status else [],
             "missed_cycles": rate.missed_cycles,
             "cycle_time_max_s": worst_overall_s,
+            "status_lines_dropped": writer.dropped,
         }
         if status is not None:
             soc = pack_summary(status)
             summary.update({k: soc[k] for k in ("soc_min", "soc_mean", "soc_max")})
-        print(
-            to_json(summary) if status_format == "json" else _summary_line(summary),
-            file=out,
-            flush=True,
-        )
+        writer.write(to_json(summary) if status_format == "json" else _summary_line(summary))
+        if failed:
+            return EXIT_LOOP_FAILED
         return EXIT_OK if opened else EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
+
+
+class LineWriter:
+    """Writes status lines from a thread of its own, so a slow or stalled reader of stdout
+    never blocks the loop: when its bounded queue is full, lines are dropped and counted."""
+
+    def __init__(self, out: TextIO, max_lines: int = 100):
+        self.out = out
+        self.dropped = 0
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max_lines)
+        self._thread = threading.Thread(target=self._drain, name="status-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (waiting at most ``timeout_s``), then stop."""
+        self._queue.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
+
+    def _drain(self) -> None:
+        while (line := self._queue.get()) is not None:
+            # stdout closed: keep draining so the loop never waits
+            with contextlib.suppress(OSError, ValueError):
+                print(line, file=self.out, flush=True)
 
 
 def build_cycle(

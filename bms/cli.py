@@ -1,20 +1,23 @@
 """The ``bms`` command: ``run``, ``sim`` and ``check-config``.
 
 Exit codes: 0 clean stop (contactors confirmed open), 1 contactors not confirmed open,
-2 configuration or usage error, 3 the configured hardware or files could not be opened.
+2 configuration or usage error, 3 the configured hardware or files could not be opened,
+4 the loop itself failed (contactors opened as it stopped).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 
 from bms import app, backends
 from bms.config import SIM_BACKEND, ConfigError, load_config
 
-EXIT_CONFIG_ERROR = 2
 DEFAULT_SIM_CONFIG = "config/sim.toml"
 
 
@@ -80,24 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _log_through_a_queue(args.log_level)
     path = args.file if args.command == "check-config" else args.config
     try:
         config = load_config(path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return app.EXIT_USAGE_ERROR
 
     if args.command == "check-config":
         print(json.dumps(config.summary(), indent=2))
         return 0
     if args.command == "sim" and config.sim is None:
         print(f"{config.source}: `bms sim` needs a [sim] section", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return app.EXIT_USAGE_ERROR
     stop = app.StopRequest()
     stop.install()
     return app.run(
@@ -108,3 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         status_format=args.status_format,
         stop=stop,
     )
+
+
+def _log_through_a_queue(level: str) -> None:
+    """Log to stderr from a listener thread, so a blocked stderr never stalls the loop."""
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    listener = logging.handlers.QueueListener(records, stderr)
+    listener.start()
+    atexit.register(listener.stop)
+    logging.basicConfig(level=level, handlers=[logging.handlers.QueueHandler(records)])

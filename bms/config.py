@@ -71,6 +71,15 @@ class LoopConfig(StrictModel):
     startup_timeout_s: float = Field(
         5.0, ge=0.0, le=600.0, description="wait this long for the first complete sample"
     )
+    stall_limit_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="one wake-up later than this opens the contactors"
+    )
+
+    @model_validator(mode="after")
+    def _stall_above_period(self) -> LoopConfig:
+        if self.stall_limit_s <= self.period_s:
+            raise ValueError("stall_limit_s must be longer than period_s")
+        return self
 
 
 class CanConfig(StrictModel):
@@ -82,9 +91,11 @@ class CanConfig(StrictModel):
 
 class ControlConfig(StrictModel):
     close_on_start: bool = Field(description="close the contactors as soon as all is healthy")
-    precharge_ratio: float = Field(0.95, gt=0.5, lt=1.0)
+    precharge_ratio: float = Field(0.95, ge=0.9, lt=1.0)
     precharge_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
-    feedback_timeout_s: float = Field(0.3, gt=0.0, le=10.0)
+    relay_settle_s: float = Field(
+        0.5, gt=0.0, le=10.0, description="time a relay's feedback gets to follow its command"
+    )
 
 
 class SocConfig(StrictModel):
@@ -95,16 +106,25 @@ class SocConfig(StrictModel):
 class ProtectionConfig(StrictModel):
     cell_voltage_max_v: float = Field(gt=0.0, le=6.0)
     cell_voltage_min_v: float = Field(gt=0.0, le=6.0)
-    temp_max_c: float = Field(ge=-60.0, le=150.0)
-    temp_min_c: float = Field(ge=-60.0, le=150.0)
+    temp_max_c: float = Field(ge=-40.0, le=120.0)
+    temp_min_c: float = Field(ge=-40.0, le=120.0)
     charge_current_max_a: float = Field(gt=0.0, le=10000.0)
     discharge_current_max_a: float = Field(gt=0.0, le=10000.0)
     short_circuit_current_a: float = Field(gt=0.0, le=100000.0)
     pack_voltage_tolerance_v: float = Field(gt=0.0, le=100.0)
     stuck_time_s: float = Field(5.0, gt=0.0, le=3600.0)
-    stuck_min_current_a: float = Field(1.0, ge=0.0, le=10000.0)
+    stuck_min_current_a: float = Field(
+        1.0, gt=0.0, le=10000.0, description="at rest a flat reading is normal, not stuck"
+    )
     fault_debounce_cycles: int = Field(3, ge=1, le=1000)
     open_delay_s: float = Field(0.5, ge=0.0, le=60.0)
+    published_limit_ratio: float = Field(
+        0.9,
+        gt=0.0,
+        le=0.98,
+        description="current limits sent to the charger/inverter, as a "
+        "fraction of the trip thresholds, so a load that obeys them never trips",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ProtectionConfig:
@@ -112,8 +132,13 @@ class ProtectionConfig(StrictModel):
             raise ValueError("cell_voltage_min_v must be below cell_voltage_max_v")
         if self.temp_min_c >= self.temp_max_c:
             raise ValueError("temp_min_c must be below temp_max_c")
-        if self.short_circuit_current_a <= self.discharge_current_max_a:
-            raise ValueError("short_circuit_current_a must be above discharge_current_max_a")
+        if self.short_circuit_current_a <= max(
+            self.discharge_current_max_a, self.charge_current_max_a
+        ):
+            raise ValueError(
+                "short_circuit_current_a must be above discharge_current_max_a and "
+                "charge_current_max_a"
+            )
         return self
 
 
@@ -191,11 +216,12 @@ def load_config(path: str | Path) -> BmsConfig:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    context = {"base_dir": path.parent.resolve()}
+    context: dict[str, Any] = {"base_dir": path.parent.resolve()}
     try:
         parsed = FileConfig.model_validate(raw, context=context)
     except ValidationError as exc:
         raise ConfigError(_describe(path, FileConfig, exc, ())) from None
+    context["n_cells"] = parsed.pack.n_cells  # backends may check their options against it
 
     problems: list[str] = []
     choices: dict[str, BackendChoice | None] = {}

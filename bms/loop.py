@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,29 @@ class CycleTiming:
         return self.total_s / self.count if self.count else 0.0
 
 
+class StageErrors:
+    """Logs a failing stage without flooding: the traceback once, then a count every
+    ``interval_s`` while it keeps failing (DESIGN.md: repeating faults are rate-limited)."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self.counts: dict[str, int] = {}
+        self._logged_s: dict[str, float] = {}
+
+    def report(self, stage: str) -> None:
+        """Call from an ``except`` block."""
+        count = self.counts[stage] = self.counts.get(stage, 0) + 1
+        now_s = self.clock()
+        if count == 1:
+            log.exception("%s failed", stage)
+        elif now_s - self._logged_s[stage] < self.interval_s:
+            return
+        else:
+            log.error("%s failed %d times so far; latest: %s", stage, count, sys.exc_info()[1])
+        self._logged_s[stage] = now_s
+
+
 class ControlCycle:
     """One cycle of the BMS, with the state that persists between cycles."""
 
@@ -124,6 +148,8 @@ class ControlCycle:
         self.diagnosis = Diagnosis(protection.fault_debounce_cycles, protection.open_delay_s)
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
+        self.protection_failed = False
+        self.errors = StageErrors()
         self._empty = Measurement(
             t_s=0.0,
             cell_voltage_v=np.full(n_cells, np.nan),
@@ -133,68 +159,94 @@ class ControlCycle:
             link_voltage_v=math.nan,
         )
 
-    def run(self, t_s: float, dt_s: float, lagging: bool) -> PackStatus:
-        """Run the six stages once at time ``t_s`` with the measured ``dt_s``."""
-        conditions: dict[str, bool] = {"loop_lag": lagging}
+    def run(self, t_s: float, dt_s: float, lagging: bool, stalled: bool = False) -> PackStatus:
+        """Run the six stages once at time ``t_s`` (monotonic) with the measured ``dt_s``.
 
-        # 1. read
+        ``lagging`` and ``stalled`` come from the rate keeper. Nothing raises out of here: a
+        failing read or estimate becomes a fault; a failure of protection itself opens the
+        contactors for good (``internal_error``, until restart).
+        """
+        conditions: dict[str, bool | None] = {"loop_lag": lagging, "loop_stalled": stalled}
+
+        # 1. read (the two sources separately: a dead front-end must not hide a weld)
         try:
             m = self.frontend.read(t_s)
-            feedback = self.contactors.feedback(t_s)
+            conditions["frontend_error"] = False
         except Exception:
-            log.exception("front-end read failed")
+            self.errors.report("front-end read")
             conditions["frontend_error"] = True
             m = self._empty
+        try:
+            feedback = self.contactors.feedback(t_s)
+        except Exception:
+            self.errors.report("contactor feedback read")
             feedback = ContactorFeedback(ALL_OPEN, valid=False)
         conditions["contactor_feedback_invalid"] = not feedback.valid
 
+        soc = self.estimator.soc
         try:
             # 2. validate
             stuck = self.stuck.update(m.cell_voltage_v, m.current_a, dt_s)
             conditions.update(measurement_conditions(m, self.config.protection, stuck))
             # 3. estimate
             soc = self.estimator.step(m.current_a, m.cell_voltage_v, dt_s)
-            # 4. protect
-            conditions.update(dict.fromkeys(self.fsm.faults, True))
         except Exception:
-            log.exception("validate/estimate stage failed")
+            self.errors.report("validate/estimate")
             conditions["internal_error"] = True
-            soc = self.estimator.soc
-        verdict = self.diagnosis.update(conditions, dt_s)
-        out = self.fsm.step(
-            t_s,
-            close_requested=self.close_requested,
-            open_now=verdict.open_now,
-            no_close=verdict.no_close,
-            feedback=feedback,
-            pack_voltage_v=m.pack_voltage_v,
-            link_voltage_v=m.link_voltage_v,
-        )
-        for fault_id in verdict.newly_latched:
-            log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
-        # The walking skeleton derates only to all-or-nothing: full limits while closed and
-        # healthy, zero otherwise. The protection issue adds graded derating.
-        healthy = out.state is ContactorState.CLOSED and not verdict.active
+
+        # 4. protect
+        try:
+            conditions.update(dict.fromkeys(self.fsm.faults, True))
+            verdict = self.diagnosis.update(conditions, dt_s)
+            out = self.fsm.step(
+                t_s,
+                close_requested=self.close_requested,
+                open_now=verdict.open_now,
+                no_close=verdict.no_close,
+                feedback=feedback,
+                pack_voltage_v=m.pack_voltage_v,
+                link_voltage_v=m.link_voltage_v,
+            )
+            state, command = out.state, out.command
+            active, latched = verdict.active, verdict.latched
+            for fault_id in verdict.newly_latched:
+                log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
+        except Exception:
+            if not self.protection_failed:
+                log.critical("fault latched: internal_error (protection itself failed)")
+            self.errors.report("protect")
+            self.protection_failed = True
+        if self.protection_failed:
+            state, command = ContactorState.FAULT, ALL_OPEN
+            active = latched = ("internal_error",)
+
+        # The walking skeleton derates only to all-or-nothing: a margin below the trip levels
+        # while closed and healthy, zero otherwise. The protection issue adds graded derating.
         limits = self.config.protection
+        healthy = state is ContactorState.CLOSED and not active
+        allowed = limits.published_limit_ratio if healthy else 0.0
         status = PackStatus(
             t_s=t_s,
-            contactors=out.state,
-            soc=soc,
+            contactors=state,
+            soc=soc.copy(),
             measurement=m,
-            active_faults=verdict.active,
-            latched_faults=verdict.latched,
-            charge_limit_a=limits.charge_current_max_a if healthy else 0.0,
-            discharge_limit_a=limits.discharge_current_max_a if healthy else 0.0,
+            active_faults=active,
+            latched_faults=latched,
+            charge_limit_a=allowed * limits.charge_current_max_a,
+            discharge_limit_a=allowed * limits.discharge_current_max_a,
         )
 
         # 5. actuate (also the dead-man refresh of the contactor box)
-        self.contactors.command(out.command)
+        try:
+            self.contactors.command(command)
+        except Exception:
+            self.errors.report("contactor command")  # the box's dead-man opens on its own
         # 6. publish
         if self.publisher is not None:
             try:
                 self.publisher.publish(status)
             except Exception:
-                log.exception("publish failed")
+                self.errors.report("publish")
         return status
 
     def wait_for_first_sample(self, clock: Callable[[], float], timeout_s: float) -> bool:
@@ -224,10 +276,13 @@ class ControlCycle:
         """Command every relay open (refreshing the dead-man) until ``done(now_s)`` or timeout."""
         deadline_s = clock() + timeout_s
         while True:
-            self.contactors.command(ALL_OPEN)
             now_s = clock()
-            if done(now_s):
-                return True
+            try:
+                self.contactors.command(ALL_OPEN)
+                if done(now_s):
+                    return True
+            except Exception:
+                self.errors.report("holding the contactors open")
             if now_s >= deadline_s:
                 return False
             time.sleep(min(0.01, self.config.loop.period_s))

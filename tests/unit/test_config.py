@@ -92,3 +92,27 @@ def test_check_config_cli_prints_resolved_config_or_errors(make_config):
     bad = run_bms("check-config", str(make_config({"soc": {"rest_time": 10}})))
     assert bad.returncode == 2
     assert "[soc] rest_time: unknown option (did you mean 'rest_time_s'?)" in bad.stderr
+
+
+def test_scheduled_fault_on_a_cell_outside_the_pack_fails_at_load(make_config):
+    faults = [{"kind": "open_wire", "at_s": 1.0, "cell": 17}]
+    (problem,) = problems_of(make_config({"sim": {"faults": faults}}))
+    assert "[sim.faults]" in problem and "cell 17 is not in the pack (1..16)" in problem
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"control": {"precharge_ratio": 0.5}}, "[control] precharge_ratio"),
+        ({"loop": {"period_s": 0.1, "stall_limit_s": 0.1}}, "stall_limit_s must be longer"),
+        (
+            {"protection": {"short_circuit_current_a": 14.0, "discharge_current_max_a": 10.0}},
+            "short_circuit_current_a must be above",
+        ),
+        ({"protection": {"stuck_min_current_a": 0.0}}, "[protection] stuck_min_current_a"),
+        ({"protection": {"temp_max_c": 140.0}}, "[protection] temp_max_c"),
+    ],
+)
+def test_settings_that_would_weaken_protection_are_refused(make_config, changes, expected):
+    problems = problems_of(make_config(changes))
+    assert any(expected in p for p in problems), problems

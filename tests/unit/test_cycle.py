@@ -87,8 +87,11 @@ def test_healthy_pack_closes_and_stages_run_in_order(cycle):
     assert status.contactors is ContactorState.CLOSED
     assert cycle.frontend.calls[:3] == ["read", "command", "publish"]
     assert status.charge_limit_a > 0 and status.discharge_limit_a > 0
-    # started from the OCV of 3.7 V, then 1 A out for 1 s
-    assert status.soc == pytest.approx(cycle.estimator.cell.soc_at_ocv(np.full(4, 3.7)), abs=1e-4)
+    # started from the OCV of 3.7 V, then 1 A out for 9 cycles of 0.1 s (the first has dt 0.1
+    # too, but no estimate yet to integrate into)
+    start = cycle.estimator.cell.soc_at_ocv(np.full(4, 3.7))
+    expected = start - 1.0 * 9 * PERIOD_S / 3600 / cycle.estimator.cell.capacity_ah
+    assert status.soc == pytest.approx(expected, abs=1e-9)
 
 
 def test_raising_front_end_becomes_a_fault_and_opens(cycle):
@@ -123,3 +126,60 @@ def test_no_close_request_keeps_contactors_open(cycle):
     cycle.close_requested = False
     assert run(cycle, 10).contactors is ContactorState.OPEN
     assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_start_up_into_an_active_fault_never_closes(cycle):
+    cycle.frontend.voltage_v = 4.4
+    for n in range(30):
+        status = cycle.run(n * PERIOD_S, PERIOD_S, lagging=False)
+        assert not cycle.contactors.relays.any_closed, f"closed at cycle {n}"
+    assert "cell_overvoltage" in status.latched_faults
+
+
+def test_a_fault_that_comes_and_goes_with_invalid_readings_still_opens(cycle):
+    run(cycle, 10)
+    for n in range(60):
+        cycle.frontend.voltage_v = 4.4 if n % 2 else math.nan
+        status = cycle.run(1.0 + n * PERIOD_S, PERIOD_S, lagging=False)
+    assert {"cell_overvoltage", "cell_voltage_invalid"} <= set(status.latched_faults)
+    assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_a_stalled_loop_opens_at_once(cycle):
+    run(cycle, 10)
+    status = cycle.run(1.0, PERIOD_S, lagging=False, stalled=True)
+    assert "loop_stalled" in status.latched_faults
+    assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_protection_that_raises_opens_for_good(cycle, monkeypatch):
+    run(cycle, 10)
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(cycle.fsm, "step", broken)
+    status = run(cycle, 1, t0_s=1.0)
+    assert status.contactors is ContactorState.FAULT
+    assert status.latched_faults == ("internal_error",)
+    assert cycle.contactors.relays == ALL_OPEN
+    monkeypatch.undo()
+    assert run(cycle, 5, t0_s=1.1).contactors is ContactorState.FAULT  # until restart
+
+
+def test_holding_open_survives_a_failing_driver(cycle):
+    def failing(t_s):
+        raise OSError("bus off")
+
+    cycle.contactors.feedback = failing
+    clock = iter(float(n) for n in range(100))
+    assert cycle.open_and_wait(lambda: next(clock), timeout_s=3.0) is False
+    assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_repeated_failures_are_logged_once_then_counted(cycle, caplog):
+    cycle.frontend.error = FrontEndError("bus off")
+    run(cycle, 50)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1
+    assert cycle.errors.counts["front-end read"] == 50
