@@ -11,7 +11,7 @@ from pydantic import Field
 from bms.backends import ContactorDriver
 from bms.config import BmsConfig, StrictModel
 from bms.types import ContactorFeedback, RelayStates
-from drivers.can.link import CanLink
+from drivers.can.link import CanBackend, CanLink, RollingCounter
 
 RELAY_SIGNALS = ("Negative", "Precharge", "Positive", "Counter")
 
@@ -37,26 +37,23 @@ def relays_from_signals(values: dict[str, float]) -> RelayStates:
 class CanContactorsOptions(StrictModel):
     command_message: str = "BMS_ContactorCommand"
     feedback_message: str = "PDU_ContactorFeedback"
-    feedback_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
+    frame_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
 
 
-class CanContactors(ContactorDriver):
+class CanContactors(CanBackend, ContactorDriver):
     Options = CanContactorsOptions
 
     def __init__(self, config: BmsConfig, options: CanContactorsOptions):
         self.options = options
         self.link = CanLink.acquire(config)
-        try:
-            self.command_message = self.link.codec.message(options.command_message, RELAY_SIGNALS)
-            feedback = self.link.codec.message(options.feedback_message, RELAY_SIGNALS)
-        except Exception:
-            self.link.release()
-            raise
-        self.link.subscribe(feedback.frame_id, self._on_feedback)
-        self._feedback_message = feedback
+        with self.link.released_on_error() as link:
+            self.command_message = link.codec.message(options.command_message, RELAY_SIGNALS)
+            self._feedback_message = link.codec.message(options.feedback_message, RELAY_SIGNALS)
+        self.link.subscribe(self._feedback_message.frame_id, self._on_feedback)
         self._relays: RelayStates | None = None
         self._rx_t_s = float("-inf")
         self._counter = 0
+        self.feedback_counter = RollingCounter()
 
     def _on_feedback(self, t_s: float, data: bytes) -> None:
         try:
@@ -64,8 +61,9 @@ class CanContactors(ContactorDriver):
         except Exception:
             self._relays = None  # a malformed feedback frame proves nothing
             return
-        self._relays = relays_from_signals(values)
-        self._rx_t_s = t_s
+        if self.feedback_counter.advanced(values["Counter"]):
+            self._relays = relays_from_signals(values)
+            self._rx_t_s = t_s
 
     def command(self, relays: RelayStates) -> None:
         self._counter = (self._counter + 1) % 16
@@ -73,12 +71,7 @@ class CanContactors(ContactorDriver):
 
     def feedback(self, t_s: float) -> ContactorFeedback:
         self.link.poll(t_s)
-        fresh = self._relays is not None and t_s - self._rx_t_s <= self.options.feedback_timeout_s
+        fresh = self._relays is not None and t_s - self._rx_t_s <= self.options.frame_timeout_s
         if not fresh:
             return ContactorFeedback(RelayStates(), valid=False)
         return ContactorFeedback(self._relays, valid=True)
-
-    def close(self) -> None:
-        if self.link is not None:
-            self.link.release()
-            self.link = None

@@ -15,10 +15,10 @@ import numpy as np
 from pydantic import Field
 
 from bms.backends import FrontEnd
+from bms.comms.dbc import DbcError
 from bms.config import BmsConfig, StrictModel
-from bms.protection.plausibility import CELL_VOLTAGE_GROUP, PACK_GROUP, TEMPERATURE_GROUP
-from bms.types import Measurement
-from drivers.can.link import CanLink
+from bms.types import CELL_VOLTAGE_GROUP, PACK_GROUP, TEMPERATURE_GROUP, Measurement
+from drivers.can.link import CanBackend, CanLink, RollingCounter
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,29 @@ class CanFrontEndOptions(StrictModel):
 
 
 class _Group:
-    """Values of one signal group with the time each was last received."""
+    """Values of one signal group with the time each was last received.
 
-    def __init__(self, names: list[str], invalid_names: list[str | None], timeout_s: float):
+    With a ``counter`` (the message's rolling counter), a frame that repeats the previous
+    count is ignored, so a frozen sender goes stale instead of looking alive.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        invalid_names: list[str | None],
+        timeout_s: float,
+        counter: RollingCounter | None = None,
+    ):
         self.index = {name: i for i, name in enumerate(names)}
         self.invalid_index = {name: i for i, name in enumerate(invalid_names) if name}
         self.values = np.full(len(names), np.nan)
         self.rx_t_s = np.full(len(names), -np.inf)
         self.timeout_s = timeout_s
+        self.counter = counter
 
     def update(self, t_s: float, decoded: dict[str, float]) -> None:
+        if self.counter is not None and not self.counter.advanced(decoded["Counter"]):
+            return
         for name, value in decoded.items():
             i = self.index.get(name)
             if i is not None:
@@ -58,7 +71,7 @@ class _Group:
         return np.where(stale, np.nan, self.values), bool(stale.any())
 
 
-class CanFrontEnd(FrontEnd):
+class CanFrontEnd(CanBackend, FrontEnd):
     """Reads cell voltages, temperatures and pack measurements from CAN frames."""
 
     Options = CanFrontEndOptions
@@ -71,29 +84,32 @@ class CanFrontEnd(FrontEnd):
         temps = [f"Temp{j + 1}" for j in range(n_temps)]
         temp_flags = [f"Temp{j + 1}_Invalid" for j in range(n_temps)]
         pack = ["PackCurrent", "PackVoltage", "LinkVoltage"]
+        self.pack_counter = RollingCounter()
         self.link = CanLink.acquire(config)
-        try:
-            codec = self.link.codec
-            messages = [
-                (
-                    codec.message(options.cell_voltage_message, cells + cell_flags),
-                    _Group(cells, cell_flags, options.cell_voltage_timeout_s),
-                ),
-                (
-                    codec.message(options.temperature_message, temps + temp_flags),
-                    _Group(temps, temp_flags, options.temperature_timeout_s),
-                ),
-                (
-                    codec.message(options.pack_message, pack),
-                    _Group(pack, [None] * 3, options.pack_timeout_s),
-                ),
-            ]
-        except Exception:
-            self.link.release()
-            raise
-        self.cells, self.temps, self.pack = (group for _, group in messages)
+        with self.link.released_on_error() as link:
+            cell_message = link.codec.message(options.cell_voltage_message, cells + cell_flags)
+            temp_message = link.codec.message(options.temperature_message, temps + temp_flags)
+            pack_message = link.codec.message(options.pack_message, [*pack, "Counter"])
+            limits = config.protection
+            _check_measurable(
+                cell_message, cells[0], limits.cell_voltage_min_v, limits.cell_voltage_max_v
+            )
+            _check_measurable(temp_message, temps[0], limits.temp_min_c, limits.temp_max_c)
+            _check_measurable(
+                pack_message,
+                "PackCurrent",
+                -limits.short_circuit_current_a,
+                limits.short_circuit_current_a,
+            )
+        self.cells = _Group(cells, cell_flags, options.cell_voltage_timeout_s)
+        self.temps = _Group(temps, temp_flags, options.temperature_timeout_s)
+        self.pack = _Group(pack, [None] * 3, options.pack_timeout_s, self.pack_counter)
         self.frame_errors = 0
-        for message, group in messages:
+        for message, group in (
+            (cell_message, self.cells),
+            (temp_message, self.temps),
+            (pack_message, self.pack),
+        ):
             self.link.subscribe(message.frame_id, self._handler(message, group))
 
     def _handler(self, message, group: _Group):
@@ -142,7 +158,13 @@ class CanFrontEnd(FrontEnd):
             frame_errors=self.frame_errors,
         )
 
-    def close(self) -> None:
-        if self.link is not None:
-            self.link.release()
-            self.link = None
+
+def _check_measurable(message, signal_name: str, low_limit: float, high_limit: float) -> None:
+    """A protection limit at or beyond what the DBC signal can carry could never trip."""
+    signal = next(sig for sig in message.signals if sig.name == signal_name)
+    if not (signal.minimum < low_limit and high_limit < signal.maximum):
+        raise DbcError(
+            f"{message.name}.{signal_name} carries {signal.minimum:g}..{signal.maximum:g} "
+            f"{signal.unit}: the protection limits {low_limit:g}..{high_limit:g} must lie "
+            "strictly inside it, or they could never trip"
+        )

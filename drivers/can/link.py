@@ -7,10 +7,12 @@ read once and handed to whoever subscribed to its id; frames nobody wants are co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
 from cantools.database.can import Message
@@ -21,8 +23,9 @@ from bms.config import BmsConfig, CanConfig
 
 log = logging.getLogger(__name__)
 
-MAX_FRAMES_PER_POLL = 20000
-"""Bound on the frames drained in one poll, so a flooded bus cannot stall the loop."""
+MAX_POLL_S = 0.005
+"""Time one poll may spend draining frames, so a flooded (babbling) bus cannot stall the loop;
+what is left is read by the next poll, and the values it carries go stale meanwhile."""
 
 FrameHandler = Callable[[float, bytes], None]
 
@@ -84,14 +87,31 @@ class CanLink:
                 self._links.pop(self.key, None)
                 self.bus.shutdown()
 
+    @contextlib.contextmanager
+    def released_on_error(self) -> Iterator[CanLink]:
+        """Release this user's hold if setting up the backend fails."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
+
     def subscribe(self, frame_id: int, handler: FrameHandler) -> None:
         self.handlers.setdefault(frame_id, []).append(handler)
 
     def poll(self, t_s: float) -> None:
-        """Drain the receive queue without blocking and hand each frame to its subscribers."""
+        """Drain the receive queue without blocking and hand each frame to its subscribers,
+        stamped with its arrival on the monotonic clock.
+
+        python-can stamps frames on the wall clock (SocketCAN: in the kernel, on arrival), so a
+        frame that waited in the queue while the loop was stalled keeps its age instead of
+        looking fresh; one offset per poll maps wall to monotonic time.
+        """
         import can as python_can
 
-        for _ in range(MAX_FRAMES_PER_POLL):
+        wall_to_monotonic_s = time.monotonic() - time.time()
+        budget_end_s = time.monotonic() + MAX_POLL_S
+        while time.monotonic() < budget_end_s:
             try:
                 frame = self.bus.recv(timeout=0.0)
             except python_can.CanError as exc:
@@ -105,9 +125,12 @@ class CanLink:
             if handlers is None:
                 self.unknown_frames += 1
                 continue
+            rx_t_s = t_s
+            if frame.timestamp > 0.0:
+                rx_t_s = min(t_s, frame.timestamp + wall_to_monotonic_s)
             data = bytes(frame.data)
             for handler in handlers:
-                handler(t_s, data)
+                handler(rx_t_s, data)
 
     def send(self, message: Message, values: Mapping[str, float]) -> None:
         """Encode and send without waiting; a failed send is counted, never waited on."""
@@ -130,3 +153,31 @@ def send_message(bus, codec: DbcCodec, message: Message, values: Mapping[str, fl
         log.debug("CAN send of %s failed: %s", message.name, exc)
         return False
     return True
+
+
+class CanBackend:
+    """Shared life cycle of the CAN backends: acquire the link in ``__init__`` inside
+    ``link.released_on_error()``, and ``close()`` releases it exactly once."""
+
+    link: CanLink | None
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.release()
+            self.link = None
+
+
+class RollingCounter:
+    """Checks a frame's rolling counter: a frame that repeats the previous value is a frozen
+    sender resending its last frame, so it proves nothing new (opendbc's counter check)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.repeats = 0
+
+    def advanced(self, counter: float) -> bool:
+        fresh = counter != self.last
+        if not fresh:
+            self.repeats += 1
+        self.last = counter
+        return fresh

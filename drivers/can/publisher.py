@@ -8,7 +8,7 @@ from bms.backends import Publisher
 from bms.config import BmsConfig, StrictModel
 from bms.report import pack_summary
 from bms.types import ContactorState, PackStatus
-from drivers.can.link import CanLink
+from drivers.can.link import CanBackend, CanLink
 
 STATE_CODES = {
     ContactorState.OPEN: 0,
@@ -25,13 +25,13 @@ class CanPublisherOptions(StrictModel):
     cell_stats_message: str = "BMS_CellStats"
 
 
-class CanPublisher(Publisher):
+class CanPublisher(CanBackend, Publisher):
     Options = CanPublisherOptions
 
     def __init__(self, config: BmsConfig, options: CanPublisherOptions):
         self.link = CanLink.acquire(config)
-        try:
-            codec = self.link.codec
+        with self.link.released_on_error() as link:
+            codec = link.codec
             self.status = codec.message(
                 options.status_message,
                 (
@@ -51,9 +51,6 @@ class CanPublisher(Publisher):
                 options.cell_stats_message,
                 ("CellVoltageMin", "CellVoltageMax", "CellVoltageMinCell", "CellVoltageMaxCell"),
             )
-        except Exception:
-            self.link.release()
-            raise
         self._counter = 0
 
     def publish(self, status: PackStatus) -> None:
@@ -88,11 +85,6 @@ class CanPublisher(Publisher):
                 "CellVoltageMaxCell": summary["cell_voltage_max_cell"] or 0,
             },
         )
-
-    def close(self) -> None:
-        if self.link is not None:
-            self.link.release()
-            self.link = None
 
 
 def _rounded(temp_c: float) -> float:

@@ -19,7 +19,7 @@ from bms.estimation.cell_params import load_cell_params
 from bms.loop import RateKeeper
 from bms.types import ALL_OPEN, RelayStates
 from drivers.can.contactors import RELAY_SIGNALS, relay_signals, relays_from_signals
-from drivers.can.link import open_bus, send_message
+from drivers.can.link import RollingCounter, open_bus, send_message
 from drivers.sim import load
 from drivers.sim.faults import FAULT_KINDS, Injection, make_injection, parse_injection
 from drivers.sim.options import LoadOptions, SimOptions
@@ -48,6 +48,11 @@ class SimulatedPack(Simulator):
     def __init__(self, config: BmsConfig, options: SimOptions, injections: list[str]):
         if config.can is None:
             raise ValueError(f"{config.source}: the simulated pack needs a [can] section")
+        if options.deadman_timeout_s < 2 * config.loop.period_s:
+            raise ValueError(
+                f"{config.source}: [sim] deadman_timeout_s ({options.deadman_timeout_s:g} s) "
+                f"must be at least two loop periods ({2 * config.loop.period_s:g} s)"
+            )
         n_cells = config.pack.n_cells
         self.schedule: list[Injection] = sorted(
             [make_injection(f.kind, f.at_s, f.cell, n_cells) for f in options.faults]
@@ -73,6 +78,7 @@ class SimulatedPack(Simulator):
         self.silenced = False
         self._command = ALL_OPEN
         self._command_t_s = -math.inf
+        self.command_counter = RollingCounter()
         self._counter = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,7 +113,8 @@ class SimulatedPack(Simulator):
                     self.inject(pending.pop(0))
                 self.tick(t_s, dt_s)
         except Exception:
-            log.exception("simulated pack stopped")
+            log.exception("simulated pack failed; its contactor box opens every relay")
+            self.plant.relays = ALL_OPEN
 
     def tick(self, t_s: float, dt_s: float) -> None:
         """One step of the hardware: obey commands (or the dead-man), move, report."""
@@ -152,8 +159,9 @@ class SimulatedPack(Simulator):
                 values = self.codec.decode(self.command_message, bytes(frame.data))
             except Exception:
                 continue  # a corrupt command is ignored; the dead-man still runs
-            self._command = relays_from_signals(values)
-            self._command_t_s = t_s
+            if self.command_counter.advanced(values["Counter"]):  # a repeat is no refresh
+                self._command = relays_from_signals(values)
+                self._command_t_s = t_s
 
     def _send(self, message, values) -> None:
         send_message(self._bus, self.codec, message, values)
@@ -191,5 +199,6 @@ class SimulatedPack(Simulator):
                 "PackCurrent": r.current_a,
                 "PackVoltage": r.pack_voltage_v,
                 "LinkVoltage": r.link_voltage_v,
+                "Counter": self._counter,
             },
         )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from bms.config import ExistingPath, StrictModel
-from drivers.sim.faults import FAULT_KINDS
+from drivers.sim.faults import FAULT_KINDS, make_injection
 
 
 class LoadOptions(StrictModel):
@@ -29,6 +29,13 @@ class FaultOptions(StrictModel):
     kind: Literal[tuple(FAULT_KINDS)]  # type: ignore[valid-type]
     at_s: float = Field(ge=0.0)
     cell: int | None = Field(None, ge=1, description="cell number, counting from 1")
+
+    @model_validator(mode="after")
+    def _fits_the_pack(self, info: ValidationInfo) -> FaultOptions:
+        n_cells = (info.context or {}).get("n_cells")
+        if n_cells is not None:
+            make_injection(self.kind, self.at_s, self.cell, n_cells)
+        return self
 
 
 class SimOptions(StrictModel):

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bms.estimation.cell_params import CellParams
+from bms.estimation.coulomb import SECONDS_PER_HOUR
 from bms.types import ALL_OPEN, RelayStates
 from drivers.sim.options import SimOptions
 
-SECONDS_PER_HOUR = 3600.0
 KELVIN = 273.15
 ARRHENIUS_K = 3000.0
 """Activation energy over the gas constant (K): resistance rises about 2.5x from 25 to 0 degC."""
@@ -109,10 +109,16 @@ class PackPlant:
         r_pack_ohm = float((self.r0_ohm * self._resistance_factor()).sum())
         main = self.relays.negative and self.relays.positive
         pre = self.relays.negative and self.relays.precharge and not self.relays.positive
-        if main:
+        shorted = self.faults.short and (main or pre)
+        if shorted:
+            # The short holds the link near zero: the pack drives it through whatever is in
+            # series (the precharge resistor too, while precharging).
+            series_ohm = r_pack_ohm + o.short_resistance_ohm
+            series_ohm += 0.0 if main else o.precharge_resistance_ohm
+            short_a = emf_pack_v / series_ohm
+            current = (load_current_a if main else 0.0) - short_a
+        elif main:
             current = load_current_a
-            if self.faults.short:
-                current -= emf_pack_v / (r_pack_ohm + o.short_resistance_ohm)
         elif pre:
             current = -(emf_pack_v - self.link_voltage_v) / (
                 o.precharge_resistance_ohm + r_pack_ohm
@@ -123,7 +129,9 @@ class PackPlant:
 
         self._step_cells(dt_s, current)
         pack_v = float(self.terminal_voltage_v(current).sum())
-        if main:
+        if shorted:
+            self.link_voltage_v = short_a * o.short_resistance_ohm
+        elif main:
             self.link_voltage_v = pack_v
         elif pre:
             tau = o.precharge_resistance_ohm * o.link_capacitance_f
@@ -159,8 +167,8 @@ class PackPlant:
         o = self.options
         n = self.soc.size
         noise = self.rng.standard_normal
-        cell_v = self.terminal_voltage_v(self.current_a) + self.voltage_offset_v
-        cell_v = cell_v + o.voltage_noise_v * noise(n)
+        true_cell_v = self.terminal_voltage_v(self.current_a)
+        cell_v = true_cell_v + self.voltage_offset_v + o.voltage_noise_v * noise(n)
         invalid = np.zeros(n, dtype=bool)
         for cell in self.faults.open_wire:
             cell_v[cell] = 0.0
@@ -170,7 +178,7 @@ class PackPlant:
         for cell in self.faults.nan:
             cell_v[cell] = math.nan
         temps = self.temp_c[self.sensor_cell] + o.temp_noise_c * noise(self.sensor_cell.size)
-        pack_v = float(self.terminal_voltage_v(self.current_a).sum())
+        pack_v = float(true_cell_v.sum())
         return Readings(
             cell_voltage_v=cell_v,
             cell_voltage_invalid=invalid,

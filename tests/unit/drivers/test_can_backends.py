@@ -68,7 +68,7 @@ def temp_group(group, temps):
     return values
 
 
-def send_all(peer, codec, current_a=-12.5):
+def send_all(peer, codec, current_a=-12.5, counter=1):
     send(peer, codec, "CMU_CellVoltages", cell_group(0, [3.6, 3.601, 3.602, 3.603]))
     send(peer, codec, "CMU_CellVoltages", cell_group(1, [3.604, 0, 0, 0]))
     send(peer, codec, "CMU_CellTemperatures", temp_group(0, [20, 21, 22, 23, 24, 25]))
@@ -77,7 +77,7 @@ def send_all(peer, codec, current_a=-12.5):
         peer,
         codec,
         "CMU_PackMeasurements",
-        {"PackCurrent": current_a, "PackVoltage": 18.01, "LinkVoltage": 17.5},
+        {"PackCurrent": current_a, "PackVoltage": 18.01, "LinkVoltage": 17.5, "Counter": counter},
     )
 
 
@@ -158,7 +158,7 @@ def test_contactor_driver_commands_and_reads_feedback(config, peer, codec):
         )
         feedback = driver.feedback(5.0)
         assert feedback.valid and feedback.relays == RelayStates(True, False, True)
-        timeout_s = config.contactors.options.feedback_timeout_s
+        timeout_s = config.contactors.options.frame_timeout_s
         assert not driver.feedback(5.0 + timeout_s + 0.01).valid
         feedback_id = codec.message("PDU_ContactorFeedback").frame_id
         peer.send(can.Message(arbitration_id=feedback_id, data=b"", is_extended_id=False))
@@ -218,3 +218,50 @@ def test_unreadable_dbc_is_a_clear_error(tmp_path):
     bad.write_text("this is not a DBC file\n")
     with pytest.raises(DbcError, match="cannot load DBC"):
         DbcCodec(bad)
+
+
+def test_a_pack_frame_that_repeats_its_counter_is_a_frozen_sender(frontend, peer, codec, config):
+    send_all(peer, codec, counter=5)
+    frontend.read(10.0)
+    timeout_s = config.frontend.options.pack_timeout_s
+    # the sender froze: same frame, same counter, again and again
+    send(
+        peer,
+        codec,
+        "CMU_PackMeasurements",
+        {"PackCurrent": -12.5, "PackVoltage": 18.01, "LinkVoltage": 17.5, "Counter": 5},
+    )
+    m = frontend.read(10.0 + timeout_s + 0.01)
+    assert "pack" in m.stale_groups and math.isnan(m.current_a)
+    assert frontend.pack_counter.repeats == 1
+
+
+def test_frames_that_waited_in_the_queue_keep_their_age(frontend, peer, codec, config):
+    import time
+
+    send_all(peer, codec)
+    timeout_s = config.frontend.options.cell_voltage_timeout_s
+    time.sleep(timeout_s + 0.1)  # the loop stalled; the frames sat in the receive queue
+    m = frontend.read(time.monotonic())
+    assert "cell_voltage" in m.stale_groups and np.isnan(m.cell_voltage_v).all()
+
+
+def test_limits_the_dbc_cannot_carry_are_refused(make_config):
+    config = load_config(make_config({"protection": {"temp_max_c": 120.0}}))
+    CanFrontEnd(config, config.frontend.options).close()  # 120 degC fits in -127..127
+    config = load_config(make_config({"protection": {"short_circuit_current_a": 9000.0}}))
+    with pytest.raises(DbcError, match=r"PackCurrent carries -8000\.\.8000 A"):
+        CanFrontEnd(config, config.frontend.options)
+
+
+def test_feedback_that_repeats_its_counter_goes_stale(config, peer, codec):
+    driver = CanContactors(config, config.contactors.options)
+    try:
+        closed = {"Negative": 1, "Precharge": 0, "Positive": 1, "Counter": 7}
+        send(peer, codec, "PDU_ContactorFeedback", closed)
+        assert driver.feedback(5.0).valid
+        send(peer, codec, "PDU_ContactorFeedback", closed)  # frozen box
+        timeout_s = config.contactors.options.frame_timeout_s
+        assert not driver.feedback(5.0 + timeout_s + 0.01).valid
+    finally:
+        driver.close()

@@ -139,3 +139,23 @@ def test_broken_drive_cycle_files_are_named(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(load.LoadProfileError, match=message):
         load.drive_cycle(path, 1.0)
+
+
+def test_a_command_frame_repeated_with_the_same_counter_is_no_refresh(setup):
+    sim, bms_side, codec = setup
+    closed = RelayStates(True, False, True)
+    command(bms_side, codec, closed)  # counter 1
+    sim.tick(1.0, 0.1)
+    assert sim.plant.relays == closed
+    command(bms_side, codec, closed)  # counter 1 again: a frozen BMS resending its last frame
+    sim.tick(1.0 + sim.options.deadman_timeout_s + 0.05, 0.1)
+    assert not sim.plant.relays.any_closed
+
+
+def test_a_short_during_precharge_keeps_the_link_down(setup):
+    sim, _, _ = setup
+    sim.inject(parse_injection("short@0", 16))
+    for _ in range(30):
+        sim.plant.step(0.1, 0.0, RelayStates(True, True, False))
+    assert sim.plant.link_voltage_v < 1.0
+    assert sim.plant.current_a < -1.0  # the pack feeds the short through the resistor
