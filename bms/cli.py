@@ -117,4 +117,6 @@ def _log_through_a_queue(level: str) -> None:
     listener = logging.handlers.QueueListener(records, stderr)
     listener.start()
     atexit.register(listener.stop)
-    logging.basicConfig(level=level, handlers=[logging.handlers.QueueHandler(records)])
+    to_queue = logging.handlers.QueueHandler(records)
+    to_queue.setFormatter(logging.Formatter("%(message)s"))  # the listener formats the line
+    logging.basicConfig(level=level, handlers=[to_queue])

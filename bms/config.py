@@ -9,51 +9,25 @@ they name, so a typo in a driver option is caught at load time like any other.
 
 from __future__ import annotations
 
-import difflib
-import tomllib
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bms import backends
+from bms.schema import (
+    ExistingPath,
+    SchemaError,
+    StrictModel,
+    describe_errors,
+    load_model,
+    suggest,
+)
 
 
-class ConfigError(Exception):
+class ConfigError(SchemaError):
     """A configuration that cannot be used; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-def _resolve_existing_path(value: Path, info: ValidationInfo) -> Path:
-    base_dir = (info.context or {}).get("base_dir", Path.cwd())
-    path = value if value.is_absolute() else (base_dir / value)
-    if not path.exists():
-        raise ValueError(f"no such file or directory: {path}")
-    return path.resolve()
-
-
-ExistingPath = Annotated[Path, AfterValidator(_resolve_existing_path)]
-"""A path relative to the config file's directory that must exist."""
-
-
-class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class PackConfig(StrictModel):
@@ -210,17 +184,11 @@ SIM_BACKEND = "pack"
 def load_config(path: str | Path) -> BmsConfig:
     """Read, validate and resolve a config file; raise ConfigError listing every problem."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     context: dict[str, Any] = {"base_dir": path.parent.resolve()}
     try:
-        parsed = FileConfig.model_validate(raw, context=context)
-    except ValidationError as exc:
-        raise ConfigError(_describe(path, FileConfig, exc, ())) from None
+        parsed = load_model(path, FileConfig, context)
+    except SchemaError as exc:
+        raise ConfigError(exc.problems) from None
     context["n_cells"] = parsed.pack.n_cells  # backends may check their options against it
 
     problems: list[str] = []
@@ -272,7 +240,7 @@ def _choose(
     try:
         cls = backends.load(group, name)
     except backends.UnknownBackendError as exc:
-        hint = _suggest(name, exc.known)
+        hint = suggest(name, exc.known)
         problems.append(
             f"{path}: [{section}] backend: unknown backend {name!r}{hint}; "
             f"known: {', '.join(exc.known) or 'none installed'}"
@@ -281,68 +249,6 @@ def _choose(
     try:
         validated = cls.Options.model_validate(options, context=context)
     except ValidationError as exc:
-        problems.extend(_describe(path, cls.Options, exc, (section,)))
+        problems.extend(describe_errors(path, cls.Options, exc, (section,)))
         return None
     return BackendChoice(name=name, cls=cls, options=validated)
-
-
-def _describe(
-    path: Path, model: type[BaseModel], exc: ValidationError, prefix: tuple[str, ...]
-) -> list[str]:
-    """Turn pydantic's errors into one line each: file, section, option, what is wrong."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(str(part) for part in error["loc"])
-        kind = error["type"]
-        if kind == "extra_forbidden":
-            names = _field_names_at(model, loc[:-1])
-            message = "unknown option" + _suggest(loc[-1], names)
-        elif kind == "missing":
-            is_section = len(loc) == 1 and not prefix and loc[0] in FileConfig.model_fields
-            message = f"required {'section' if is_section else 'option'} is missing"
-        else:
-            message = error["msg"]
-            if "input" in error and not isinstance(error["input"], dict):
-                message += f" (got {error['input']!r})"
-        lines.append(f"{path}: {_where(prefix + loc)}: {message}")
-    return lines
-
-
-def _where(loc: tuple[str, ...]) -> str:
-    if not loc:
-        return "(top level)"
-    if len(loc) == 1:
-        return f"[{loc[0]}]" if loc[0] in FileConfig.model_fields else loc[0]
-    section = ".".join(part for part in loc[:-1] if not part.isdigit())
-    return f"[{section}] {loc[-1]}"
-
-
-def _suggest(name: str, candidates: list[str]) -> str:
-    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {matches[0]!r}?)" if matches else ""
-
-
-def _field_names_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
-    """The option names valid at ``loc`` inside ``model``, for near-match suggestions."""
-    current: Any = model
-    for part in loc:
-        if part.isdigit():
-            continue
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
-            return []
-        current = _model_in(fields[part].annotation)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None

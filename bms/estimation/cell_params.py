@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
+
+from bms.schema import SchemaError, StrictModel, load_model
 
 
-class CellParamsError(Exception):
+class CellParamsError(SchemaError):
     """A parameter set that is missing or inconsistent."""
 
 
-class CellParams(BaseModel):
+class CellParams(StrictModel):
     """OCV table and second-order Thevenin impedance of one cell (see the file's header)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     capacity_ah: float = Field(gt=0.0, le=10000.0)
@@ -51,16 +50,7 @@ class CellParams(BaseModel):
 
 def load_cell_params(directory: Path) -> CellParams:
     """Load ``directory/params.toml``; raise CellParamsError saying what is wrong."""
-    path = Path(directory) / "params.toml"
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return CellParams.model_validate(data)
-    except OSError as exc:
-        raise CellParamsError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CellParamsError(f"{path}: not valid TOML: {exc}") from None
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise CellParamsError(f"{path}: {problems}") from None
+        return load_model(Path(directory) / "params.toml", CellParams)
+    except SchemaError as exc:
+        raise CellParamsError(exc.problems) from None

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from bms.backends import ContactorDriver
-from bms.config import BmsConfig, StrictModel
+from bms.config import BmsConfig
+from bms.schema import StrictModel
 from bms.types import ContactorFeedback, RelayStates
 from drivers.can.link import CanBackend, CanLink, RollingCounter
 

@@ -16,7 +16,8 @@ from pydantic import Field
 
 from bms.backends import FrontEnd
 from bms.comms.dbc import DbcError
-from bms.config import BmsConfig, StrictModel
+from bms.config import BmsConfig
+from bms.schema import StrictModel
 from bms.types import CELL_VOLTAGE_GROUP, PACK_GROUP, TEMPERATURE_GROUP, Measurement
 from drivers.can.link import CanBackend, CanLink, RollingCounter
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 from bms.backends import Publisher
-from bms.config import BmsConfig, StrictModel
+from bms.config import BmsConfig
 from bms.report import pack_summary
+from bms.schema import StrictModel
 from bms.types import ContactorState, PackStatus
 from drivers.can.link import CanBackend, CanLink
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from bms.config import ExistingPath, StrictModel
+from bms.schema import ExistingPath, StrictModel
 from drivers.sim.faults import FAULT_KINDS, make_injection
 
 

@@ -191,6 +191,7 @@ def test_text_status_line_and_summary(make_config):
     lines = proc.stdout.splitlines()
     assert any("closed" in line and "SOC" in line and "missed" in line for line in lines)
     assert lines[-1].startswith("stopped (duration reached)")
+    assert " INFO bms.app: control loop running at 10 Hz" in proc.stderr  # formatted once
     assert "contactors open" in lines[-1]
 
 
