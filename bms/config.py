@@ -16,6 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bms import backends
+from bms.protection.derating import DeratingConfig
+from bms.protection.diagnosis import DiagnosisConfig
+from bms.protection.limits import LimitSet, load_limit_set
 from bms.schema import (
     ExistingPath,
     SchemaError,
@@ -32,6 +35,7 @@ class ConfigError(SchemaError):
 
 class PackConfig(StrictModel):
     n_cells: int = Field(ge=1, le=1024, description="cells in series")
+    n_parallel: int = Field(1, ge=1, le=1000, description="cells in parallel in each group")
     n_temp_sensors: int = Field(ge=1, le=1024)
     cell_params: ExistingPath = Field(description="directory of the cell's parameter set")
 
@@ -78,42 +82,15 @@ class SocConfig(StrictModel):
 
 
 class ProtectionConfig(StrictModel):
-    cell_voltage_max_v: float = Field(gt=0.0, le=6.0)
-    cell_voltage_min_v: float = Field(gt=0.0, le=6.0)
-    temp_max_c: float = Field(ge=-40.0, le=120.0)
-    temp_min_c: float = Field(ge=-40.0, le=120.0)
-    charge_current_max_a: float = Field(gt=0.0, le=10000.0)
-    discharge_current_max_a: float = Field(gt=0.0, le=10000.0)
+    """Pack-level protection; the per-cell graded limits come from the ``limits`` file."""
+
+    limits: ExistingPath = Field(description="limit set of the cell chemistry (TOML)")
     short_circuit_current_a: float = Field(gt=0.0, le=100000.0)
     pack_voltage_tolerance_v: float = Field(gt=0.0, le=100.0)
     stuck_time_s: float = Field(5.0, gt=0.0, le=3600.0)
     stuck_min_current_a: float = Field(
         1.0, gt=0.0, le=10000.0, description="at rest a flat reading is normal, not stuck"
     )
-    fault_debounce_cycles: int = Field(3, ge=1, le=1000)
-    open_delay_s: float = Field(0.5, ge=0.0, le=60.0)
-    published_limit_ratio: float = Field(
-        0.9,
-        gt=0.0,
-        le=0.98,
-        description="current limits sent to the charger/inverter, as a "
-        "fraction of the trip thresholds, so a load that obeys them never trips",
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ProtectionConfig:
-        if self.cell_voltage_min_v >= self.cell_voltage_max_v:
-            raise ValueError("cell_voltage_min_v must be below cell_voltage_max_v")
-        if self.temp_min_c >= self.temp_max_c:
-            raise ValueError("temp_min_c must be below temp_max_c")
-        if self.short_circuit_current_a <= max(
-            self.discharge_current_max_a, self.charge_current_max_a
-        ):
-            raise ValueError(
-                "short_circuit_current_a must be above discharge_current_max_a and "
-                "charge_current_max_a"
-            )
-        return self
 
 
 class BackendSection(BaseModel):
@@ -135,6 +112,8 @@ class FileConfig(StrictModel):
     control: ControlConfig
     soc: SocConfig = SocConfig()
     protection: ProtectionConfig
+    diagnosis: DiagnosisConfig = DiagnosisConfig()
+    derating: DeratingConfig = DeratingConfig()
     sim: dict[str, Any] | None = None
 
 
@@ -158,6 +137,9 @@ class BmsConfig:
     control: ControlConfig
     soc: SocConfig
     protection: ProtectionConfig
+    limits: LimitSet
+    diagnosis: DiagnosisConfig
+    derating: DeratingConfig
     frontend: BackendChoice
     contactors: BackendChoice
     publisher: BackendChoice | None
@@ -166,7 +148,17 @@ class BmsConfig:
     def summary(self) -> dict[str, Any]:
         """The resolved config as plain data, for ``bms check-config``."""
         resolved: dict[str, Any] = {"source": str(self.source)}
-        for name in ("pack", "loop", "can", "control", "soc", "protection"):
+        for name in (
+            "pack",
+            "loop",
+            "can",
+            "control",
+            "soc",
+            "protection",
+            "limits",
+            "diagnosis",
+            "derating",
+        ):
             section = getattr(self, name)
             if section is not None:
                 resolved[name] = section.model_dump(mode="json")
@@ -192,6 +184,7 @@ def load_config(path: str | Path) -> BmsConfig:
     context["n_cells"] = parsed.pack.n_cells  # backends may check their options against it
 
     problems: list[str] = []
+    limits = _load_limits(path, parsed, problems)
     choices: dict[str, BackendChoice | None] = {}
     sections = {
         "frontend": ("bms.frontends", parsed.frontend),
@@ -221,11 +214,31 @@ def load_config(path: str | Path) -> BmsConfig:
         control=parsed.control,
         soc=parsed.soc,
         protection=parsed.protection,
+        limits=limits,
+        diagnosis=parsed.diagnosis,
+        derating=parsed.derating,
         frontend=choices["frontend"],
         contactors=choices["contactors"],
         publisher=choices["publisher"],
         sim=choices["sim"],
     )
+
+
+def _load_limits(path: Path, parsed: FileConfig, problems: list[str]) -> LimitSet | None:
+    """Load the limit set the config names and check the pack-level limits against it."""
+    try:
+        limits = load_limit_set(parsed.protection.limits)
+    except SchemaError as exc:
+        problems.extend(exc.problems)
+        return None
+    n_parallel = parsed.pack.n_parallel
+    highest_a = max(limits.charge_current_a.msl, limits.discharge_current_a.msl) * n_parallel
+    if parsed.protection.short_circuit_current_a <= highest_a:
+        problems.append(
+            f"{path}: [protection] short_circuit_current_a: must be above the limit set's "
+            f"highest current ({highest_a:g} A for {n_parallel} cell(s) in parallel)"
+        )
+    return limits
 
 
 def _choose(

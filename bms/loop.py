@@ -25,8 +25,13 @@ from bms.config import BmsConfig
 from bms.estimation.cell_params import CellParams
 from bms.estimation.coulomb import CoulombCounter
 from bms.protection.contactors import ContactorStateMachine
-from bms.protection.diagnosis import FAULTS, Diagnosis
-from bms.protection.plausibility import StuckDetector, measurement_conditions
+from bms.protection.derating import CurrentLimiter
+from bms.protection.diagnosis import FAULTS, Action, Diagnosis
+from bms.protection.plausibility import (
+    StuckDetector,
+    graded_conditions,
+    measurement_conditions,
+)
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, PackStatus
 
 log = logging.getLogger(__name__)
@@ -145,7 +150,8 @@ class ControlCycle:
             cell, n_cells, config.soc.rest_current_a, config.soc.rest_time_s
         )
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
-        self.diagnosis = Diagnosis(protection.fault_debounce_cycles, protection.open_delay_s)
+        self.diagnosis = Diagnosis(config.diagnosis)
+        self.limiter = CurrentLimiter(config.limits, config.derating, config.pack.n_parallel)
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
         self.protection_failed = False
@@ -188,6 +194,14 @@ class ControlCycle:
             # 2. validate
             stuck = self.stuck.update(m.cell_voltage_v, m.current_a, dt_s)
             conditions.update(measurement_conditions(m, self.config.protection, stuck))
+            conditions.update(
+                graded_conditions(
+                    m,
+                    self.config.limits,
+                    self.config.pack.n_parallel,
+                    self.config.soc.rest_current_a,
+                )
+            )
             # 3. estimate
             soc = self.estimator.step(m.current_a, m.cell_voltage_v, dt_s)
         except Exception:
@@ -220,11 +234,17 @@ class ControlCycle:
             state, command = ContactorState.FAULT, ALL_OPEN
             active = latched = ("internal_error",)
 
-        # The walking skeleton derates only to all-or-nothing: a margin below the trip levels
-        # while closed and healthy, zero otherwise. The protection issue adds graded derating.
-        limits = self.config.protection
-        healthy = state is ContactorState.CLOSED and not active
-        allowed = limits.published_limit_ratio if healthy else 0.0
+        # Derating: current only while closed and no fault forbids it.
+        allowed = state is ContactorState.CLOSED and not any(
+            FAULTS[f].action >= Action.NO_CLOSE for f in active
+        )
+        try:
+            charge_limit_a, discharge_limit_a = self.limiter.update(
+                m.cell_voltage_v, m.cell_temp_c, soc, allowed, dt_s
+            )
+        except Exception:
+            self.errors.report("derating")
+            charge_limit_a = discharge_limit_a = 0.0
         status = PackStatus(
             t_s=t_s,
             contactors=state,
@@ -232,8 +252,8 @@ class ControlCycle:
             measurement=m,
             active_faults=active,
             latched_faults=latched,
-            charge_limit_a=allowed * limits.charge_current_max_a,
-            discharge_limit_a=allowed * limits.discharge_current_max_a,
+            charge_limit_a=charge_limit_a,
+            discharge_limit_a=discharge_limit_a,
         )
 
         # 5. actuate (also the dead-man refresh of the contactor box)

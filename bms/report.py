@@ -98,7 +98,9 @@ def to_line(r: dict[str, Any]) -> str:
         f"..{_num(r['cell_voltage_max_v'], '.3f')} (c{r['cell_voltage_max_cell'] or '-'}) | "
         f"I {_num(r['current_a'], '+.2f')} A | "
         f"T {_num(r['temp_min_c'], '.1f')}..{_num(r['temp_max_c'], '.1f')} C | "
-        f"{r['contactors']:<9} | faults {faults} | latched {latched} | "
+        f"{r['contactors']:<9} | "
+        f"limits +{r['charge_limit_a']:.1f}/-{r['discharge_limit_a']:.1f} A | "
+        f"faults {faults} | latched {latched} | "
         f"cycle {r['cycle_time_mean_s'] * 1e3:.2f}/{r['cycle_time_max_s'] * 1e3:.2f} ms "
         f"missed {r['missed_cycles']}"
     )

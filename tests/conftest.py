@@ -16,6 +16,7 @@ import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
 SIM_CONFIG = REPO / "config" / "sim.toml"
+LIMITS = REPO / "config" / "limits" / "nmc.toml"
 BMS = Path(sys.executable).with_name("bms")
 
 
@@ -25,6 +26,7 @@ def sim_config_data() -> dict:
     base = SIM_CONFIG.parent
     data["pack"]["cell_params"] = str((base / data["pack"]["cell_params"]).resolve())
     data["can"]["dbc_file"] = str((base / data["can"]["dbc_file"]).resolve())
+    data["protection"]["limits"] = str((base / data["protection"]["limits"]).resolve())
     load = data["sim"]["load"]
     if "drive_cycle_file" in load:
         load["drive_cycle_file"] = str((base / load["drive_cycle_file"]).resolve())
@@ -57,6 +59,20 @@ def make_config(tmp_path):
         data = merge(sim_config_data(), {"can": {"channel": f"test-{os.getpid()}-{n}"}})
         data = merge(data, changes or {})
         path = tmp_path / (name or f"config{n}.toml")
+        path.write_text(tomli_w.dumps(data))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_limits(tmp_path):
+    """Write a copy of config/limits/nmc.toml with ``changes`` merged in; return its path."""
+    counter = iter(range(1000))
+
+    def make(changes: dict) -> Path:
+        data = merge(tomllib.loads(LIMITS.read_text()), changes)
+        path = tmp_path / f"limits{next(counter)}.toml"
         path.write_text(tomli_w.dumps(data))
         return path
 

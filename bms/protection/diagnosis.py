@@ -18,14 +18,29 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pydantic import Field, model_validator
+
+from bms.protection.limits import GRADED_QUANTITIES, GRADES
+from bms.schema import StrictModel, suggest
+
 
 class Action(enum.IntEnum):
-    """What an active fault does, in rising order of severity."""
+    """What an active fault does, in rising order of severity; each includes the ones below
+    (a fault that opens also forbids a close and derates to zero)."""
 
     WARN = 1
-    NO_CLOSE = 2
-    OPEN_AFTER_DELAY = 3
-    OPEN_NOW = 4
+    DERATE = 2
+    NO_CLOSE = 3
+    OPEN_AFTER_DELAY = 4
+    OPEN_NOW = 5
+
+
+GRADE_ACTIONS = {"mol": Action.DERATE, "rsl": Action.NO_CLOSE, "msl": Action.OPEN_AFTER_DELAY}
+GRADE_NAMES = {
+    "mol": "maximum operating limit",
+    "rsl": "recommended safety limit",
+    "msl": "maximum safety limit",
+}
 
 
 CLEAR_STEP = 0.5
@@ -38,12 +53,23 @@ class FaultSpec:
     action: Action
     description: str
     debounce_cycles: int | None = None
-    """Cycles to set this fault; None means the configured ``fault_debounce_cycles``."""
+    """Cycles to set this fault; None means the configured ``[diagnosis] debounce_cycles``."""
 
+
+GRADED_ROWS: tuple[FaultSpec, ...] = tuple(
+    FaultSpec(
+        f"{quantity.fault_prefix}_{grade}",
+        GRADE_ACTIONS[grade],
+        f"{quantity.label} beyond its {GRADE_NAMES[grade]} ({quantity.field}.{grade})",
+    )
+    for quantity in GRADED_QUANTITIES
+    for grade in GRADES
+)
+"""One row per quantity of the limit set and grade: MOL derates, RSL forbids a close and
+derates to zero, MSL opens after the row's delay."""
 
 FAULT_TABLE: tuple[FaultSpec, ...] = (
-    FaultSpec("cell_overvoltage", Action.OPEN_AFTER_DELAY, "a cell is above cell_voltage_max_v"),
-    FaultSpec("cell_undervoltage", Action.OPEN_AFTER_DELAY, "a cell is below cell_voltage_min_v"),
+    *GRADED_ROWS,
     FaultSpec(
         "cell_voltage_invalid",
         Action.OPEN_AFTER_DELAY,
@@ -59,20 +85,10 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         Action.OPEN_AFTER_DELAY,
         "the sum of the cells differs from the measured pack voltage",
     ),
-    FaultSpec("overtemperature", Action.OPEN_AFTER_DELAY, "a cell is above temp_max_c"),
-    FaultSpec("undertemperature", Action.OPEN_AFTER_DELAY, "a cell is below temp_min_c"),
     FaultSpec(
         "temperature_invalid",
         Action.OPEN_AFTER_DELAY,
         "a temperature is missing, flagged invalid or not a number",
-    ),
-    FaultSpec(
-        "charge_overcurrent", Action.OPEN_AFTER_DELAY, "charge current above charge_current_max_a"
-    ),
-    FaultSpec(
-        "discharge_overcurrent",
-        Action.OPEN_AFTER_DELAY,
-        "discharge current above discharge_current_max_a",
     ),
     FaultSpec("short_circuit", Action.OPEN_NOW, "current above short_circuit_current_a"),
     FaultSpec("current_invalid", Action.OPEN_AFTER_DELAY, "the pack current is missing or NaN"),
@@ -127,14 +143,52 @@ class Verdict:
     newly_latched: tuple[str, ...]
 
 
+class RowSettings(StrictModel):
+    """Per-row overrides of the table's defaults (``[diagnosis.rows.FAULT_ID]``)."""
+
+    debounce_cycles: int | None = Field(None, ge=1, le=1000)
+    open_delay_s: float | None = Field(None, ge=0.0, le=600.0)
+    enabled: bool = True
+
+
+class DiagnosisConfig(StrictModel):
+    """The ``[diagnosis]`` section: defaults for every row, and per-row settings."""
+
+    debounce_cycles: int = Field(3, ge=1, le=1000)
+    open_delay_s: float = Field(0.5, ge=0.0, le=60.0)
+    rows: dict[str, RowSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _rows_exist_and_safety_rows_stay_on(self) -> DiagnosisConfig:
+        problems = []
+        for fault_id, row in self.rows.items():
+            if fault_id not in FAULTS:
+                problems.append(f"no fault {fault_id!r}{suggest(fault_id, list(FAULTS))}")
+            elif not row.enabled and FAULTS[fault_id].action >= Action.NO_CLOSE:
+                problems.append(f"{fault_id} keeps the contactors open and cannot be disabled")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def row(self, fault_id: str) -> RowSettings:
+        """The row's settings with the defaults filled in."""
+        spec = FAULTS[fault_id]
+        row = self.rows.get(fault_id, RowSettings())
+        return RowSettings(
+            debounce_cycles=row.debounce_cycles or spec.debounce_cycles or self.debounce_cycles,
+            open_delay_s=self.open_delay_s if row.open_delay_s is None else row.open_delay_s,
+            enabled=row.enabled,
+        )
+
+
 class Diagnosis:
     """Debounces conditions into faults and latches the ones that open the contactors."""
 
-    def __init__(self, debounce_cycles: int, open_delay_s: float):
-        self.open_delay_s = open_delay_s
-        self._needed = {
-            fault_id: spec.debounce_cycles or debounce_cycles for fault_id, spec in FAULTS.items()
-        }
+    def __init__(self, config: DiagnosisConfig):
+        rows = {fault_id: config.row(fault_id) for fault_id in FAULTS}
+        self._needed = {fault_id: row.debounce_cycles for fault_id, row in rows.items()}
+        self._delay_s = {fault_id: row.open_delay_s for fault_id, row in rows.items()}
+        self._enabled = {fault_id for fault_id, row in rows.items() if row.enabled}
         self._counts = dict.fromkeys(FAULTS, 0.0)
         self._active = dict.fromkeys(FAULTS, False)
         self._active_s = dict.fromkeys(FAULTS, 0.0)
@@ -152,7 +206,7 @@ class Diagnosis:
             raise KeyError(f"conditions not in the diagnosis table: {sorted(unknown)}")
         newly_latched = []
         for fault_id, spec in FAULTS.items():
-            present = conditions.get(fault_id, False)
+            present = conditions.get(fault_id, False) if fault_id in self._enabled else False
             needed = self._needed[fault_id]
             if present:
                 self._counts[fault_id] = min(self._counts[fault_id] + 1.0, needed)
@@ -168,7 +222,7 @@ class Diagnosis:
             self._active_s[fault_id] = self._active_s[fault_id] + dt_s if was_active else 0.0
             opens = spec.action is Action.OPEN_NOW or (
                 spec.action is Action.OPEN_AFTER_DELAY
-                and self._active_s[fault_id] >= self.open_delay_s
+                and self._active_s[fault_id] >= self._delay_s[fault_id]
             )
             if opens and fault_id not in self._latched:
                 self._latched[fault_id] = None

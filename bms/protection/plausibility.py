@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bms.config import ProtectionConfig
+from bms.protection.limits import GRADED_QUANTITIES, GRADES, LimitSet
 from bms.types import Measurement
 
 
@@ -46,18 +47,71 @@ def _exceeds(values: np.ndarray, limit: float, above: bool) -> bool | None:
     return None if valid.size < values.size else False
 
 
+def _spread_exceeds(values: np.ndarray, limit: float) -> bool | None:
+    """Highest minus lowest beyond ``limit``; a NaN can only widen the spread."""
+    valid = values[~np.isnan(values)]
+    if valid.size >= 2 and valid.max() - valid.min() > limit:
+        return True
+    return None if valid.size < values.size else False
+
+
+def _in_mode(check: bool | None, mode_applies: bool | None) -> bool | None:
+    """A limit that applies only while charging (or only otherwise)."""
+    if mode_applies is None:
+        return None
+    return check if mode_applies else False
+
+
+def graded_conditions(
+    m: Measurement, limits: LimitSet, n_parallel: int, rest_current_a: float
+) -> dict[str, bool | None]:
+    """Conditions of every graded row (quantity x MOL/RSL/MSL) of the limit set.
+
+    Charge temperature limits apply while the current is above ``rest_current_a``; the
+    discharge ones otherwise (discharging or at rest). Currents are compared per cell.
+    """
+    v, t, current_a = m.cell_voltage_v, m.cell_temp_c, m.current_a
+    known = not np.isnan(current_a)
+    charging = current_a > rest_current_a if known else None
+    discharging_or_rest = (not charging) if known else None
+    per_cell_a = current_a / n_parallel
+    checks = {
+        "cell_voltage_high_v": lambda lim: _exceeds(v, lim, above=True),
+        "cell_voltage_low_v": lambda lim: _exceeds(v, lim, above=False),
+        "temp_high_charge_c": lambda lim: _in_mode(_exceeds(t, lim, above=True), charging),
+        "temp_low_charge_c": lambda lim: _in_mode(_exceeds(t, lim, above=False), charging),
+        "temp_high_discharge_c": lambda lim: _in_mode(
+            _exceeds(t, lim, above=True), discharging_or_rest
+        ),
+        "temp_low_discharge_c": lambda lim: _in_mode(
+            _exceeds(t, lim, above=False), discharging_or_rest
+        ),
+        "charge_current_a": lambda lim: per_cell_a > lim if known else None,
+        "discharge_current_a": lambda lim: -per_cell_a > lim if known else None,
+        "temp_spread_c": lambda lim: _spread_exceeds(t, lim),
+        "cell_voltage_spread_v": lambda lim: _spread_exceeds(v, lim),
+    }
+    conditions: dict[str, bool | None] = {}
+    for quantity in GRADED_QUANTITIES:
+        grades = getattr(limits, quantity.field)
+        check = checks[quantity.field]
+        for grade in GRADES:
+            result = check(getattr(grades, grade))
+            conditions[f"{quantity.fault_prefix}_{grade}"] = (
+                None if result is None else bool(result)
+            )
+    return conditions
+
+
 def measurement_conditions(
     m: Measurement, limits: ProtectionConfig, stuck: np.ndarray
 ) -> dict[str, bool | None]:
-    """Raw conditions from one measurement: True present, False absent, None unknown."""
+    """Conditions that do not depend on the limit set: validity and plausibility."""
     v = m.cell_voltage_v
-    t = m.cell_temp_c
     i = m.current_a
     current_known = not np.isnan(i)
     all_known = not np.isnan(v).any() and not np.isnan(m.pack_voltage_v)
     return {
-        "cell_overvoltage": _exceeds(v, limits.cell_voltage_max_v, above=True),
-        "cell_undervoltage": _exceeds(v, limits.cell_voltage_min_v, above=False),
         "cell_voltage_invalid": bool(np.isnan(v).any()),
         "cell_voltage_stuck": bool(stuck.any()),
         "pack_voltage_mismatch": (
@@ -65,11 +119,7 @@ def measurement_conditions(
             if all_known
             else None
         ),
-        "overtemperature": _exceeds(t, limits.temp_max_c, above=True),
-        "undertemperature": _exceeds(t, limits.temp_min_c, above=False),
-        "temperature_invalid": bool(np.isnan(t).any()),
-        "charge_overcurrent": i > limits.charge_current_max_a if current_known else None,
-        "discharge_overcurrent": -i > limits.discharge_current_max_a if current_known else None,
+        "temperature_invalid": bool(np.isnan(m.cell_temp_c).any()),
         "short_circuit": abs(i) > limits.short_circuit_current_a if current_known else None,
         "current_invalid": not current_known,
         "frontend_timeout": bool(m.stale_groups),

@@ -91,17 +91,21 @@ class CanFrontEnd(CanBackend, FrontEnd):
             cell_message = link.codec.message(options.cell_voltage_message, cells + cell_flags)
             temp_message = link.codec.message(options.temperature_message, temps + temp_flags)
             pack_message = link.codec.message(options.pack_message, [*pack, "Counter"])
-            limits = config.protection
+            limits = config.limits
             _check_measurable(
-                cell_message, cells[0], limits.cell_voltage_min_v, limits.cell_voltage_max_v
+                cell_message,
+                cells[0],
+                limits.cell_voltage_low_v.msl,
+                limits.cell_voltage_high_v.msl,
             )
-            _check_measurable(temp_message, temps[0], limits.temp_min_c, limits.temp_max_c)
             _check_measurable(
-                pack_message,
-                "PackCurrent",
-                -limits.short_circuit_current_a,
-                limits.short_circuit_current_a,
+                temp_message,
+                temps[0],
+                min(limits.temp_low_charge_c.msl, limits.temp_low_discharge_c.msl),
+                max(limits.temp_high_charge_c.msl, limits.temp_high_discharge_c.msl),
             )
+            short_a = config.protection.short_circuit_current_a
+            _check_measurable(pack_message, "PackCurrent", -short_a, short_a)
         self.cells = _Group(cells, cell_flags, options.cell_voltage_timeout_s)
         self.temps = _Group(temps, temp_flags, options.temperature_timeout_s)
         self.pack = _Group(pack, [None] * 3, options.pack_timeout_s, self.pack_counter)

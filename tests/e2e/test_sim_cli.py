@@ -37,7 +37,7 @@ OPENED = {"opening", "fault"}
 # line every 0.1 s, so reaction times are seen to 0.1 s.
 STEADY_DISCHARGE = {
     "loop": {"status_interval_s": 0.1},
-    "protection": {"stuck_time_s": 2.0, "temp_max_c": 32.0},
+    "protection": {"stuck_time_s": 2.0},
     "sim": {"load": {"profile": "constant", "current_a": -10.0}},
 }
 INJECT_AT_S = 2.5
@@ -60,6 +60,9 @@ def test_contactors_close_after_precharge_and_status_lines_carry_the_contract(ma
     assert all(r["link_voltage_v"] >= 0.95 * r["pack_voltage_v"] for r in closed)
     assert all(r["faults"] == [] and r["latched"] == [] for r in run.records)
     assert run.summary is not None and run.summary["contactors"] == "open"
+    # limits only while closed, ramping up (10 A/s) to the limit set's MOL (10 A / 20 A)
+    assert all(r["charge_limit_a"] == 0 for r in run.records if r["contactors"] != "closed")
+    assert 0 < closed[-1]["charge_limit_a"] <= 10.0 and 0 < closed[-1]["discharge_limit_a"] <= 20.0
 
 
 def test_soc_falls_while_discharging(make_config):
@@ -77,23 +80,31 @@ def test_soc_falls_while_discharging(make_config):
 
 
 # fault injected, fault id expected to latch, time it needs beyond the common detection budget
+# For the over-temperature case the discharge temperature limits come down to 28/30/32 degC.
+LOW_TEMP_LIMITS = {"temp_high_discharge_c": {"mol": 28.0, "rsl": 30.0, "msl": 32.0}}
 INJECTED_FAULTS = [
-    ("open_wire@{t}:cell=3", "cell_voltage_invalid", 0.0),
-    ("nan@{t}:cell=16", "cell_voltage_invalid", 0.0),
-    ("stuck@{t}:cell=7", "cell_voltage_stuck", 2.0),  # stuck_time_s
-    ("overtemp@{t}:cell=5", "overtemperature", 2.5),  # heating 25 -> 32 degC at about 3 K/s
-    ("short@{t}", "short_circuit", 0.0),
-    ("silence@{t}", "frontend_timeout", 0.5),  # cell_voltage_timeout_s
+    ("open_wire@{t}:cell=3", "cell_voltage_invalid", 0.0, None),
+    ("nan@{t}:cell=16", "cell_voltage_invalid", 0.0, None),
+    ("stuck@{t}:cell=7", "cell_voltage_stuck", 2.0, None),  # stuck_time_s
+    # heating 25 -> 32 degC at about 3 K/s
+    ("overtemp@{t}:cell=5", "temp_high_discharge_msl", 2.5, LOW_TEMP_LIMITS),
+    ("short@{t}", "short_circuit", 0.0, None),
+    ("silence@{t}", "frontend_timeout", 0.5, None),  # cell_voltage_timeout_s
 ]
 
 
 @pytest.mark.parametrize(
-    ("inject", "fault_id", "extra_s"), INJECTED_FAULTS, ids=[case[1] for case in INJECTED_FAULTS]
+    ("inject", "fault_id", "extra_s", "limit_changes"),
+    INJECTED_FAULTS,
+    ids=[case[1] for case in INJECTED_FAULTS],
 )
 def test_injected_fault_opens_contactors_within_its_delay_and_latches(
-    make_config, inject, fault_id, extra_s
+    make_config, make_limits, inject, fault_id, extra_s, limit_changes
 ):
-    config = make_config(STEADY_DISCHARGE)
+    changes = STEADY_DISCHARGE
+    if limit_changes:
+        changes = merge(changes, {"protection": {"limits": str(make_limits(limit_changes))}})
+    config = make_config(changes)
     run = run_sim(config, "--inject", inject.format(t=INJECT_AT_S), duration_s=INJECT_AT_S + 5)
     assert run.returncode == 0, run.stderr
     before = [r for r in run.records if r["t_s"] < INJECT_AT_S - 0.2]
@@ -111,7 +122,7 @@ def test_injected_fault_opens_contactors_within_its_delay_and_latches(
 
 
 def test_short_circuit_opens_without_the_open_delay(make_config):
-    config = make_config(merge(STEADY_DISCHARGE, {"protection": {"open_delay_s": 5.0}}))
+    config = make_config(merge(STEADY_DISCHARGE, {"diagnosis": {"open_delay_s": 5.0}}))
     run = run_sim(config, "--inject", f"short@{INJECT_AT_S}", duration_s=INJECT_AT_S + 2)
     assert run.returncode == 0, run.stderr
     before = [r for r in run.records if r["t_s"] < INJECT_AT_S - 0.2]

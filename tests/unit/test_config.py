@@ -25,11 +25,11 @@ def test_example_sim_config_loads_with_its_backends():
 
 
 def test_unknown_option_names_file_section_and_nearest_name(make_config):
-    path = make_config({"protection": {"cell_voltage_max_vv": 4.2}})
+    path = make_config({"protection": {"stuck_time": 4.0}})
     (problem,) = problems_of(path)
     assert problem.startswith(str(path))
-    assert "[protection] cell_voltage_max_vv: unknown option" in problem
-    assert "did you mean 'cell_voltage_max_v'?" in problem
+    assert "[protection] stuck_time: unknown option" in problem
+    assert "did you mean 'stuck_time_s'?" in problem
 
 
 def test_unknown_option_in_a_backend_section_suggests_the_backend_option(make_config):
@@ -54,9 +54,33 @@ def test_wrong_type_and_out_of_range_say_what_was_given(make_config):
     assert any("[pack] n_cells:" in p and "greater than or equal to 1" in p for p in problems)
 
 
-def test_limits_out_of_order_are_rejected(make_config):
-    (problem,) = problems_of(make_config({"protection": {"cell_voltage_min_v": 4.3}}))
-    assert "[protection]" in problem and "cell_voltage_min_v must be below" in problem
+def test_limit_sets_are_validated_and_named(make_config, make_limits):
+    limits = make_limits({"cell_voltage_high_v": {"mol": 4.22}})
+    (problem,) = problems_of(make_config({"protection": {"limits": str(limits)}}))
+    assert problem.startswith(f"{limits}: [cell_voltage_high_v]")
+    assert "must rise mol < rsl < msl (got 4.22, 4.2, 4.25)" in problem
+    limits = make_limits({"temp_high_discharge_c": {"msl": 140.0}, "charge_current_a": None})
+    problems = problems_of(make_config({"protection": {"limits": str(limits)}}))
+    assert any("[charge_current_a]: required section is missing" in p for p in problems)
+    limits = make_limits({"temp_high_discharge_c": {"msl": 140.0}})
+    (problem,) = problems_of(make_config({"protection": {"limits": str(limits)}}))
+    assert "temp_high_discharge_c.msl = 140 is outside -40..120" in problem
+    limits = make_limits({"temp_low_charge_c": {"mol": 50.0, "rsl": 49.0, "msl": 48.0}})
+    (problem,) = problems_of(make_config({"protection": {"limits": str(limits)}}))
+    assert "temp_low_charge_c.mol must be below temp_high_charge_c.mol" in problem
+
+
+def test_diagnosis_rows_are_checked(make_config):
+    rows = {"cell_voltage_high_msll": {"open_delay_s": 1.0}}
+    (problem,) = problems_of(make_config({"diagnosis": {"rows": rows}}))
+    assert "no fault 'cell_voltage_high_msll' (did you mean 'cell_voltage_high_msl'?)" in problem
+    rows = {"cell_voltage_high_msl": {"enabled": False}}
+    (problem,) = problems_of(make_config({"diagnosis": {"rows": rows}}))
+    assert "cell_voltage_high_msl keeps the contactors open and cannot be disabled" in problem
+    rows = {"cell_voltage_high_mol": {"enabled": False, "debounce_cycles": 7}}
+    config = load_config(make_config({"diagnosis": {"rows": rows}}))
+    assert config.diagnosis.row("cell_voltage_high_mol").debounce_cycles == 7
+    assert config.diagnosis.row("cell_voltage_high_msl").open_delay_s == 0.5
 
 
 def test_unknown_backend_is_an_error_with_the_known_names(make_config):
@@ -106,11 +130,11 @@ def test_scheduled_fault_on_a_cell_outside_the_pack_fails_at_load(make_config):
         ({"control": {"precharge_ratio": 0.5}}, "[control] precharge_ratio"),
         ({"loop": {"period_s": 0.1, "stall_limit_s": 0.1}}, "stall_limit_s must be longer"),
         (
-            {"protection": {"short_circuit_current_a": 14.0, "discharge_current_max_a": 10.0}},
-            "short_circuit_current_a must be above",
+            {"protection": {"short_circuit_current_a": 30.0}},
+            "[protection] short_circuit_current_a: must be above the limit set's highest "
+            "current (30 A for 1 cell(s) in parallel)",
         ),
         ({"protection": {"stuck_min_current_a": 0.0}}, "[protection] stuck_min_current_a"),
-        ({"protection": {"temp_max_c": 140.0}}, "[protection] temp_max_c"),
     ],
 )
 def test_settings_that_would_weaken_protection_are_refused(make_config, changes, expected):

@@ -108,9 +108,9 @@ def test_failing_publisher_does_not_stop_protection(cycle):
     cycle.publisher.error = OSError("telemetry down")
     status = run(cycle, 10)
     assert status.contactors is ContactorState.CLOSED
-    cycle.frontend.voltage_v = 4.4  # over-voltage
+    cycle.frontend.voltage_v = 4.4  # beyond the MSL
     status = run(cycle, 12, t0_s=1.0)
-    assert "cell_overvoltage" in status.latched_faults
+    assert "cell_voltage_high_msl" in status.latched_faults
     assert cycle.contactors.relays == ALL_OPEN
 
 
@@ -133,7 +133,7 @@ def test_start_up_into_an_active_fault_never_closes(cycle):
     for n in range(30):
         status = cycle.run(n * PERIOD_S, PERIOD_S, lagging=False)
         assert not cycle.contactors.relays.any_closed, f"closed at cycle {n}"
-    assert "cell_overvoltage" in status.latched_faults
+    assert "cell_voltage_high_msl" in status.latched_faults
 
 
 def test_a_fault_that_comes_and_goes_with_invalid_readings_still_opens(cycle):
@@ -141,7 +141,7 @@ def test_a_fault_that_comes_and_goes_with_invalid_readings_still_opens(cycle):
     for n in range(60):
         cycle.frontend.voltage_v = 4.4 if n % 2 else math.nan
         status = cycle.run(1.0 + n * PERIOD_S, PERIOD_S, lagging=False)
-    assert {"cell_overvoltage", "cell_voltage_invalid"} <= set(status.latched_faults)
+    assert {"cell_voltage_high_msl", "cell_voltage_invalid"} <= set(status.latched_faults)
     assert cycle.contactors.relays == ALL_OPEN
 
 

@@ -246,8 +246,9 @@ def test_frames_that_waited_in_the_queue_keep_their_age(frontend, peer, codec, c
     assert "cell_voltage" in m.stale_groups and np.isnan(m.cell_voltage_v).all()
 
 
-def test_limits_the_dbc_cannot_carry_are_refused(make_config):
-    config = load_config(make_config({"protection": {"temp_max_c": 120.0}}))
+def test_limits_the_dbc_cannot_carry_are_refused(make_config, make_limits):
+    limits = make_limits({"temp_high_discharge_c": {"msl": 120.0}})
+    config = load_config(make_config({"protection": {"limits": str(limits)}}))
     CanFrontEnd(config, config.frontend.options).close()  # 120 degC fits in -127..127
     config = load_config(make_config({"protection": {"short_circuit_current_a": 9000.0}}))
     with pytest.raises(DbcError, match=r"PackCurrent carries -8000\.\.8000 A"):

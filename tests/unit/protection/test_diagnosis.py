@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bms.protection.diagnosis import FAULT_TABLE, FAULTS, Action, Diagnosis
+from bms.protection.diagnosis import FAULT_TABLE, FAULTS, Action, Diagnosis, DiagnosisConfig
 
 PERIOD_S = 0.1
 
@@ -23,36 +23,36 @@ def test_every_row_is_unique_and_described():
 
 
 def test_debounce_needs_n_consecutive_cycles():
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
-    assert run(diagnosis, {"cell_overvoltage": True}, 2).active == ()
-    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=10.0))
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 2).active == ()
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 1).active == ("cell_voltage_high_msl",)
 
 
 def test_a_clean_cycle_takes_half_a_count_back():
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
-    run(diagnosis, {"cell_overvoltage": True}, 2)
-    run(diagnosis, {"cell_overvoltage": False}, 1)  # 2 -> 1.5
-    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ()  # 2.5
-    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=10.0))
+    run(diagnosis, {"cell_voltage_high_msl": True}, 2)
+    run(diagnosis, {"cell_voltage_high_msl": False}, 1)  # 2 -> 1.5
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 1).active == ()  # 2.5
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 1).active == ("cell_voltage_high_msl",)
 
 
 def test_enough_clean_cycles_forget_an_old_condition():
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
-    run(diagnosis, {"cell_overvoltage": True}, 2)
-    run(diagnosis, {"cell_overvoltage": False}, 4)  # back to zero
-    assert run(diagnosis, {"cell_overvoltage": True}, 2).active == ()
-    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=10.0))
+    run(diagnosis, {"cell_voltage_high_msl": True}, 2)
+    run(diagnosis, {"cell_voltage_high_msl": False}, 4)  # back to zero
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 2).active == ()
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 1).active == ("cell_voltage_high_msl",)
 
 
 def test_unknown_cycles_hold_the_count():
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
-    run(diagnosis, {"cell_overvoltage": True}, 2)
-    run(diagnosis, {"cell_overvoltage": None}, 20)  # the cell read NaN: neither way
-    assert run(diagnosis, {"cell_overvoltage": True}, 1).active == ("cell_overvoltage",)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=10.0))
+    run(diagnosis, {"cell_voltage_high_msl": True}, 2)
+    run(diagnosis, {"cell_voltage_high_msl": None}, 20)  # the cell read NaN: neither way
+    assert run(diagnosis, {"cell_voltage_high_msl": True}, 1).active == ("cell_voltage_high_msl",)
 
 
 def test_a_condition_that_comes_and_goes_still_latches():
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=0.5)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=0.5))
     verdicts = []
     for n in range(40):
         verdicts.append(diagnosis.update({"cell_voltage_invalid": n % 2 == 0}, PERIOD_S))
@@ -62,41 +62,43 @@ def test_a_condition_that_comes_and_goes_still_latches():
 
 
 def test_an_active_fault_clears_only_when_its_count_is_back_at_zero():
-    diagnosis = Diagnosis(debounce_cycles=2, open_delay_s=10.0)
-    run(diagnosis, {"overtemperature": True}, 2)
-    assert run(diagnosis, {"overtemperature": False}, 3).active == ("overtemperature",)
-    assert run(diagnosis, {"overtemperature": False}, 1).active == ()
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=2, open_delay_s=10.0))
+    run(diagnosis, {"temp_high_discharge_msl": True}, 2)
+    assert run(diagnosis, {"temp_high_discharge_msl": False}, 3).active == (
+        "temp_high_discharge_msl",
+    )
+    assert run(diagnosis, {"temp_high_discharge_msl": False}, 1).active == ()
 
 
 def test_no_close_from_the_first_cycle_a_condition_is_present():
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=10.0)
-    verdict = run(diagnosis, {"cell_overvoltage": True}, 1)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=10.0))
+    verdict = run(diagnosis, {"cell_voltage_high_msl": True}, 1)
     assert verdict.active == () and verdict.no_close
-    verdict = run(diagnosis, {"cell_overvoltage": False}, 1)
+    verdict = run(diagnosis, {"cell_voltage_high_msl": False}, 1)
     assert verdict.no_close  # 0.5 left: not yet clean
-    assert not run(diagnosis, {"cell_overvoltage": False}, 1).no_close
+    assert not run(diagnosis, {"cell_voltage_high_msl": False}, 1).no_close
 
 
 def test_open_after_delay_latches_once_active_for_the_delay():
-    diagnosis = Diagnosis(debounce_cycles=2, open_delay_s=0.5)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=2, open_delay_s=0.5))
     # active from cycle 2; the delay counts from there: 5 more cycles of 0.1 s
-    verdict = run(diagnosis, {"overtemperature": True}, 6)
-    assert verdict.active == ("overtemperature",)
+    verdict = run(diagnosis, {"temp_high_discharge_msl": True}, 6)
+    assert verdict.active == ("temp_high_discharge_msl",)
     assert verdict.no_close and not verdict.open_now and verdict.latched == ()
-    verdict = run(diagnosis, {"overtemperature": True}, 1)
-    assert verdict.open_now and verdict.latched == ("overtemperature",)
-    assert verdict.newly_latched == ("overtemperature",)
-    assert run(diagnosis, {"overtemperature": True}, 1).newly_latched == ()
+    verdict = run(diagnosis, {"temp_high_discharge_msl": True}, 1)
+    assert verdict.open_now and verdict.latched == ("temp_high_discharge_msl",)
+    assert verdict.newly_latched == ("temp_high_discharge_msl",)
+    assert run(diagnosis, {"temp_high_discharge_msl": True}, 1).newly_latched == ()
 
 
 def test_open_now_latches_as_soon_as_debounced():
-    diagnosis = Diagnosis(debounce_cycles=2, open_delay_s=60.0)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=2, open_delay_s=60.0))
     assert not run(diagnosis, {"short_circuit": True}, 1).open_now
     assert run(diagnosis, {"short_circuit": True}, 1).latched == ("short_circuit",)
 
 
 def test_latch_outlives_the_condition_and_blocks_closing():
-    diagnosis = Diagnosis(debounce_cycles=1, open_delay_s=0.0)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=1, open_delay_s=0.0))
     run(diagnosis, {"frontend_timeout": True}, 1)
     verdict = run(diagnosis, {"frontend_timeout": False}, 50)
     assert verdict.active == ()
@@ -105,13 +107,13 @@ def test_latch_outlives_the_condition_and_blocks_closing():
 
 
 def test_a_condition_cleared_before_the_delay_never_latches():
-    diagnosis = Diagnosis(debounce_cycles=1, open_delay_s=0.5)
-    run(diagnosis, {"cell_undervoltage": True}, 3)  # active for 0.2 s
-    verdict = run(diagnosis, {"cell_undervoltage": False}, 2)  # 1 -> 0: cleared after 0.3 s
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=1, open_delay_s=0.5))
+    run(diagnosis, {"cell_voltage_low_msl": True}, 3)  # active for 0.2 s
+    verdict = run(diagnosis, {"cell_voltage_low_msl": False}, 2)  # 1 -> 0: cleared after 0.3 s
     assert verdict.active == () and verdict.latched == () and not verdict.no_close
     # and the delay starts again from zero
-    assert run(diagnosis, {"cell_undervoltage": True}, 5).latched == ()
-    assert run(diagnosis, {"cell_undervoltage": True}, 1).latched == ("cell_undervoltage",)
+    assert run(diagnosis, {"cell_voltage_low_msl": True}, 5).latched == ()
+    assert run(diagnosis, {"cell_voltage_low_msl": True}, 1).latched == ("cell_voltage_low_msl",)
 
 
 @pytest.mark.parametrize(
@@ -120,13 +122,13 @@ def test_a_condition_cleared_before_the_delay_never_latches():
     ids=lambda spec: spec.fault_id,
 )
 def test_every_opening_fault_latches(spec):
-    diagnosis = Diagnosis(debounce_cycles=3, open_delay_s=0.3)
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=0.3))
     assert run(diagnosis, {spec.fault_id: True}, 7).latched == (spec.fault_id,)
 
 
 def test_unknown_condition_is_a_programming_error():
     with pytest.raises(KeyError, match="not in the diagnosis table"):
-        Diagnosis(3, 0.5).update({"cell_overvoltag": True}, PERIOD_S)
+        Diagnosis(DiagnosisConfig()).update({"cell_voltage_high_msk": True}, PERIOD_S)
 
 
 def test_faults_mapping_matches_table():

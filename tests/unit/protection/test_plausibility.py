@@ -1,4 +1,4 @@
-"""Limit and plausibility conditions from one measurement, and the stuck-sensor timer."""
+"""Conditions from one measurement: validity, plausibility, and every graded limit."""
 
 from __future__ import annotations
 
@@ -8,20 +8,22 @@ import numpy as np
 import pytest
 
 from bms.config import ProtectionConfig
-from bms.protection.plausibility import StuckDetector, measurement_conditions
+from bms.protection.limits import GRADED_QUANTITIES, GRADES, load_limit_set
+from bms.protection.plausibility import (
+    StuckDetector,
+    graded_conditions,
+    measurement_conditions,
+)
 from bms.types import Measurement
+from tests.conftest import REPO
 
-LIMITS = ProtectionConfig(
-    cell_voltage_max_v=4.25,
-    cell_voltage_min_v=2.7,
-    temp_max_c=60.0,
-    temp_min_c=-20.0,
-    charge_current_max_a=15.0,
-    discharge_current_max_a=30.0,
-    short_circuit_current_a=100.0,
-    pack_voltage_tolerance_v=0.5,
+LIMIT_FILE = REPO / "config" / "limits" / "nmc.toml"
+LIMITS = load_limit_set(LIMIT_FILE)
+PROTECTION = ProtectionConfig(
+    limits=LIMIT_FILE, short_circuit_current_a=100.0, pack_voltage_tolerance_v=0.5
 )
 NO_STUCK = np.zeros(4, dtype=bool)
+REST_A = 0.5
 
 
 def sample(**changes) -> Measurement:
@@ -37,47 +39,87 @@ def sample(**changes) -> Measurement:
     return Measurement(**values)
 
 
-def raised(m: Measurement, stuck=NO_STUCK) -> set[str]:
-    return {k for k, v in measurement_conditions(m, LIMITS, stuck).items() if v}
+def raised(m: Measurement, stuck=NO_STUCK, n_parallel=1) -> set[str]:
+    conditions = measurement_conditions(m, PROTECTION, stuck)
+    conditions.update(graded_conditions(m, LIMITS, n_parallel, REST_A))
+    return {k for k, v in conditions.items() if v}
 
 
 def test_healthy_sample_raises_nothing():
     assert raised(sample()) == set()
 
 
+def grades_up_to(prefix: str, grade: str) -> set[str]:
+    return {f"{prefix}_{g}" for g in GRADES[: GRADES.index(grade) + 1]}
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
         (
-            {"cell_voltage_v": np.array([3.7, 4.26, 3.69, 3.7]), "pack_voltage_v": 15.35},
-            {"cell_overvoltage"},
+            {"cell_voltage_v": np.array([4.10, 4.16, 4.12, 4.14]), "pack_voltage_v": 16.52},
+            grades_up_to("cell_voltage_high", "mol"),
         ),
         (
-            {"cell_voltage_v": np.array([3.7, 2.69, 3.69, 3.7]), "pack_voltage_v": 13.78},
-            {"cell_undervoltage"},
+            {"cell_voltage_v": np.array([3.7, 3.91, 3.69, 3.7]), "pack_voltage_v": 15.0},
+            grades_up_to("cell_voltage_spread", "rsl"),
         ),
-        ({"cell_temp_c": np.array([25.0, 60.5])}, {"overtemperature"}),
-        ({"cell_temp_c": np.array([-20.5, 25.0])}, {"undertemperature"}),
-        ({"current_a": 15.5}, {"charge_overcurrent"}),
-        ({"current_a": -30.5}, {"discharge_overcurrent"}),
-        ({"current_a": -101.0}, {"discharge_overcurrent", "short_circuit"}),
+        (
+            {"cell_voltage_v": np.array([4.26, 4.26, 4.26, 4.26]), "pack_voltage_v": 17.04},
+            grades_up_to("cell_voltage_high", "msl"),
+        ),
+        (
+            {"cell_voltage_v": np.array([2.9, 2.9, 2.9, 2.9]), "pack_voltage_v": 11.6},
+            grades_up_to("cell_voltage_low", "mol"),
+        ),
+        (
+            {"cell_voltage_v": np.array([2.4, 2.4, 2.4, 2.4]), "pack_voltage_v": 9.6},
+            grades_up_to("cell_voltage_low", "msl"),
+        ),
+        ({"cell_temp_c": np.array([57.0, 57.0])}, grades_up_to("temp_high_discharge", "mol")),
+        ({"cell_temp_c": np.array([66.0, 66.0])}, grades_up_to("temp_high_discharge", "msl")),
+        ({"cell_temp_c": np.array([-21.0, -21.0])}, grades_up_to("temp_low_discharge", "msl")),
+        (
+            {"cell_temp_c": np.array([46.0, 46.0]), "current_a": 5.0},
+            grades_up_to("temp_high_charge", "mol"),
+        ),
+        (
+            {"cell_temp_c": np.array([4.0, 4.0]), "current_a": 5.0},
+            grades_up_to("temp_low_charge", "rsl"),
+        ),
+        ({"current_a": 11.0}, grades_up_to("charge_current", "mol")),
+        ({"current_a": -31.0}, grades_up_to("discharge_current", "msl")),
+        ({"current_a": -101.0}, grades_up_to("discharge_current", "msl") | {"short_circuit"}),
+        ({"cell_temp_c": np.array([20.0, 29.0])}, grades_up_to("temp_spread", "rsl")),
         ({"current_a": math.nan}, {"current_invalid"}),
         ({"cell_temp_c": np.array([25.0, math.nan])}, {"temperature_invalid"}),
         ({"pack_voltage_v": 15.5}, {"pack_voltage_mismatch"}),
     ],
 )
-def test_each_limit_raises_its_own_condition(changes, expected):
+def test_each_limit_raises_its_own_rows(changes, expected):
     assert raised(sample(**changes)) == expected
+
+
+def test_charge_temperature_limits_apply_only_while_charging():
+    cold = np.array([4.0, 4.0])  # below the charge RSL, fine for discharge
+    assert raised(sample(cell_temp_c=cold, current_a=-5.0)) == set()
+    assert raised(sample(cell_temp_c=cold, current_a=0.2)) == set()  # at rest
+    assert "temp_low_charge_rsl" in raised(sample(cell_temp_c=cold, current_a=0.6))
+
+
+def test_currents_are_compared_per_cell():
+    assert "discharge_current_msl" in raised(sample(current_a=-31.0), n_parallel=1)
+    assert not raised(sample(current_a=-31.0), n_parallel=2) & {"discharge_current_mol"}
+
+
+def test_every_graded_row_has_a_condition():
+    conditions = graded_conditions(sample(), LIMITS, 1, REST_A)
+    expected = {f"{q.fault_prefix}_{g}" for q in GRADED_QUANTITIES for g in GRADES}
+    assert set(conditions) == expected
 
 
 def test_nan_cell_is_invalid_and_never_passes_as_in_range():
     m = sample(cell_voltage_v=np.array([3.7, math.nan, 3.69, 3.7]))
-    # the sum check needs every cell, so only the invalid cell is reported
-    assert raised(m) == {"cell_voltage_invalid"}
-
-
-def test_all_cells_nan_cannot_hide_an_overvoltage_check():
-    m = sample(cell_voltage_v=np.full(4, math.nan))
     assert raised(m) == {"cell_voltage_invalid"}
 
 
@@ -91,26 +133,25 @@ def test_stale_values_are_a_timeout_and_missing():
 
 
 def test_limit_checks_over_missing_values_are_unknown_not_clean():
-    conditions = measurement_conditions(
-        sample(cell_voltage_v=np.array([3.7, math.nan, 3.69, 3.7]), current_a=math.nan),
-        LIMITS,
-        NO_STUCK,
-    )
+    m = sample(cell_voltage_v=np.array([3.7, math.nan, 3.69, 3.7]), current_a=math.nan)
+    conditions = measurement_conditions(m, PROTECTION, NO_STUCK)
+    conditions.update(graded_conditions(m, LIMITS, 1, REST_A))
     for fault_id in (
-        "cell_overvoltage",
-        "cell_undervoltage",
+        "cell_voltage_high_msl",
+        "cell_voltage_low_msl",
         "pack_voltage_mismatch",
-        "charge_overcurrent",
-        "discharge_overcurrent",
+        "charge_current_msl",
+        "discharge_current_msl",
         "short_circuit",
+        "cell_voltage_spread_msl",
+        "temp_high_discharge_msl",
+        "temp_high_charge_msl",
     ):
         assert conditions[fault_id] is None, fault_id
-    assert conditions["overtemperature"] is False  # temperatures are all valid
+    assert conditions["temp_spread_msl"] is False  # temperatures are all valid
     # a valid cell beyond the limit is present whatever the others read
-    conditions = measurement_conditions(
-        sample(cell_voltage_v=np.array([4.3, math.nan, 3.69, 3.7])), LIMITS, NO_STUCK
-    )
-    assert conditions["cell_overvoltage"] is True
+    m = sample(cell_voltage_v=np.array([4.3, math.nan, 3.69, 3.7]))
+    assert graded_conditions(m, LIMITS, 1, REST_A)["cell_voltage_high_msl"] is True
 
 
 def test_stuck_mask_raises_stuck():

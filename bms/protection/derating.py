@@ -1,0 +1,132 @@
+"""Derating: the charge and discharge currents the pack may carry now.
+
+Each limit starts from the pack's operating maximum (the MOL of the current, times the cells in
+parallel) and is scaled by the smallest of several factors in [0, 1], each falling linearly
+from 1 at a quantity's MOL to 0 at its RSL: temperature (the charge or discharge limits), cell
+voltage headroom (highest cell for charge, lowest for discharge) and SOC near full or empty.
+A missing input (NaN) gives a factor of 0: when in doubt, no current. The published limit falls
+at once and rises at most ``ramp_up_a_per_s``, so a load that follows it never trips on a step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from bms.protection.limits import LimitSet, LowerGrades, UpperGrades
+from bms.schema import StrictModel
+
+
+class DeratingConfig(StrictModel):
+    """The ``[derating]`` section."""
+
+    soc_charge_taper_start: float = Field(
+        0.95, gt=0.0, lt=1.0, description="the charge limit falls from here to 0 at SOC 1"
+    )
+    soc_discharge_taper_start: float = Field(
+        0.05, gt=0.0, lt=1.0, description="the discharge limit falls from here to 0 at SOC 0"
+    )
+    ramp_up_a_per_s: float = Field(10.0, gt=0.0, le=100000.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeratingConfig:
+        if self.soc_discharge_taper_start >= self.soc_charge_taper_start:
+            raise ValueError("soc_discharge_taper_start must be below soc_charge_taper_start")
+        return self
+
+
+def taper_upper(value: float, grades: UpperGrades) -> float:
+    """1 at or below MOL, 0 at or above RSL, linear between; 0 for NaN."""
+    if math.isnan(value):
+        return 0.0
+    return float(np.clip((grades.rsl - value) / (grades.rsl - grades.mol), 0.0, 1.0))
+
+
+def taper_lower(value: float, grades: LowerGrades) -> float:
+    """1 at or above MOL, 0 at or below RSL, linear between; 0 for NaN."""
+    if math.isnan(value):
+        return 0.0
+    return float(np.clip((value - grades.rsl) / (grades.mol - grades.rsl), 0.0, 1.0))
+
+
+def _taper_soc(soc: float, start: float, end: float) -> float:
+    """1 before ``start``, 0 at ``end`` (either direction), linear between; 0 for NaN."""
+    if math.isnan(soc):
+        return 0.0
+    return float(np.clip((end - soc) / (end - start), 0.0, 1.0))
+
+
+def _max(values: np.ndarray) -> float:
+    """The maximum, or NaN if any value is NaN (a missing cell may be the extreme one)."""
+    return math.nan if values.size == 0 or np.isnan(values).any() else float(values.max())
+
+
+def _min(values: np.ndarray) -> float:
+    return math.nan if values.size == 0 or np.isnan(values).any() else float(values.min())
+
+
+def charge_factors(
+    cell_voltage_v: np.ndarray,
+    cell_temp_c: np.ndarray,
+    soc: np.ndarray,
+    limits: LimitSet,
+    config: DeratingConfig,
+) -> dict[str, float]:
+    """Every factor that limits charging, by name (for the record and the tests)."""
+    return {
+        "temp_high": taper_upper(_max(cell_temp_c), limits.temp_high_charge_c),
+        "temp_low": taper_lower(_min(cell_temp_c), limits.temp_low_charge_c),
+        "cell_voltage": taper_upper(_max(cell_voltage_v), limits.cell_voltage_high_v),
+        "soc": _taper_soc(_max(soc), config.soc_charge_taper_start, 1.0),
+    }
+
+
+def discharge_factors(
+    cell_voltage_v: np.ndarray,
+    cell_temp_c: np.ndarray,
+    soc: np.ndarray,
+    limits: LimitSet,
+    config: DeratingConfig,
+) -> dict[str, float]:
+    """Every factor that limits discharging, by name."""
+    return {
+        "temp_high": taper_upper(_max(cell_temp_c), limits.temp_high_discharge_c),
+        "temp_low": taper_lower(_min(cell_temp_c), limits.temp_low_discharge_c),
+        "cell_voltage": taper_lower(_min(cell_voltage_v), limits.cell_voltage_low_v),
+        "soc": _taper_soc(_min(soc), config.soc_discharge_taper_start, 0.0),
+    }
+
+
+class CurrentLimiter:
+    """Turns the factors into published limits (A, positive magnitudes) with the ramp."""
+
+    def __init__(self, limits: LimitSet, config: DeratingConfig, n_parallel: int):
+        self.limits = limits
+        self.config = config
+        self.charge_max_a = limits.charge_current_a.mol * n_parallel
+        self.discharge_max_a = limits.discharge_current_a.mol * n_parallel
+        self.charge_limit_a = 0.0
+        self.discharge_limit_a = 0.0
+
+    def update(
+        self,
+        cell_voltage_v: np.ndarray,
+        cell_temp_c: np.ndarray,
+        soc: np.ndarray,
+        allowed: bool,
+        dt_s: float,
+    ) -> tuple[float, float]:
+        """Return (charge_limit_a, discharge_limit_a); zero unless ``allowed`` (contactors
+        closed and no fault that derates to zero)."""
+        if allowed:
+            args = (cell_voltage_v, cell_temp_c, soc, self.limits, self.config)
+            charge_a = self.charge_max_a * min(charge_factors(*args).values())
+            discharge_a = self.discharge_max_a * min(discharge_factors(*args).values())
+        else:
+            charge_a = discharge_a = 0.0
+        step_a = self.config.ramp_up_a_per_s * dt_s
+        self.charge_limit_a = min(charge_a, self.charge_limit_a + step_a)
+        self.discharge_limit_a = min(discharge_a, self.discharge_limit_a + step_a)
+        return self.charge_limit_a, self.discharge_limit_a
