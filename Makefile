@@ -14,7 +14,7 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --cov --cov-report=term
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

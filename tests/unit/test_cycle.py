@@ -7,63 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from bms.backends import ContactorDriver, FrontEnd, FrontEndError, Publisher
+from bms.backends import FrontEndError
 from bms.config import load_config
 from bms.estimation.cell_params import load_cell_params
 from bms.loop import ControlCycle
-from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, RelayStates
+from bms.types import ALL_OPEN, ContactorState
+from tests.fakes import FakeBox, FakeFrontEnd, FakePublisher
 
 PERIOD_S = 0.1
-
-
-class FakeFrontEnd(FrontEnd):
-    def __init__(self, n_cells, voltage_v=3.7):
-        self.n_cells = n_cells
-        self.voltage_v = voltage_v
-        self.error: Exception | None = None
-        self.calls: list[str] = []
-
-    def read(self, t_s):
-        self.calls.append("read")
-        if self.error is not None:
-            raise self.error
-        v = np.full(self.n_cells, self.voltage_v)
-        return Measurement(t_s, v, np.full(2, 25.0), -1.0, float(v.sum()), float(v.sum()))
-
-    def close(self):
-        pass
-
-
-class FakeBox(ContactorDriver):
-    """Relays follow the last command at once; the DC link follows the pack."""
-
-    def __init__(self, calls):
-        self.relays = ALL_OPEN
-        self.calls = calls
-
-    def command(self, relays: RelayStates) -> None:
-        self.calls.append("command")
-        self.relays = relays
-
-    def feedback(self, t_s):
-        return ContactorFeedback(self.relays, valid=True)
-
-    def close(self):
-        pass
-
-
-class FakePublisher(Publisher):
-    def __init__(self, calls):
-        self.calls = calls
-        self.error: Exception | None = None
-
-    def publish(self, status):
-        self.calls.append("publish")
-        if self.error is not None:
-            raise self.error
-
-    def close(self):
-        pass
 
 
 @pytest.fixture

@@ -181,3 +181,12 @@ def test_time_starts_at_the_first_step_not_at_zero():
         5000.0 + CONFIG.relay_settle_s + 0.01, True, False, False, closed, PACK_V, PACK_V
     )
     assert out.faults == frozenset({"contactor_weld"})
+
+
+def test_an_unknown_link_voltage_never_completes_a_precharge():
+    fsm, box = ContactorStateMachine(CONFIG), Box()
+    for n in range(30):
+        out = fsm.step(n * PERIOD_S, True, False, False, box.feedback(), PACK_V, float("nan"))
+        box.obey(out.command)
+        assert not out.command.positive
+    assert "precharge_failed" in out.faults

@@ -1,0 +1,72 @@
+"""Fake backends for driving the cycle without a bus: exact, instant and inspectable."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bms.backends import ContactorDriver, FrontEnd, Publisher
+from bms.types import ALL_OPEN, ContactorFeedback, Measurement, RelayStates
+
+
+class FakeFrontEnd(FrontEnd):
+    """Every cell at ``voltage_v`` (or the ``cell_voltage_v`` array), temperatures at
+    ``temp_c``; raises ``error`` when set. Records the call order in ``calls``."""
+
+    def __init__(self, n_cells: int, voltage_v: float = 3.7, n_temps: int = 2):
+        self.n_cells = n_cells
+        self.voltage_v = voltage_v
+        self.cell_voltage_v: np.ndarray | None = None
+        self.temp_c = 25.0
+        self.n_temps = n_temps
+        self.current_a = -1.0
+        self.error: Exception | None = None
+        self.calls: list[str] = []
+
+    def read(self, t_s):
+        self.calls.append("read")
+        if self.error is not None:
+            raise self.error
+        v = (
+            self.cell_voltage_v
+            if self.cell_voltage_v is not None
+            else np.full(self.n_cells, self.voltage_v)
+        )
+        pack_v = float(v.sum())
+        return Measurement(
+            t_s, v.copy(), np.full(self.n_temps, self.temp_c), self.current_a, pack_v, pack_v
+        )
+
+    def close(self):
+        pass
+
+
+class FakeBox(ContactorDriver):
+    """Relays follow the last command at once, with valid feedback."""
+
+    def __init__(self, calls: list[str]):
+        self.relays = ALL_OPEN
+        self.calls = calls
+
+    def command(self, relays: RelayStates) -> None:
+        self.calls.append("command")
+        self.relays = relays
+
+    def feedback(self, t_s):
+        return ContactorFeedback(self.relays, valid=True)
+
+    def close(self):
+        pass
+
+
+class FakePublisher(Publisher):
+    def __init__(self, calls: list[str]):
+        self.calls = calls
+        self.error: Exception | None = None
+
+    def publish(self, status):
+        self.calls.append("publish")
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        pass

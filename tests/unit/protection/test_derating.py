@@ -1,0 +1,118 @@
+"""Derating: tapers between MOL and RSL, zero on missing inputs, ramp up, never above a limit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bms.protection.derating import (
+    CurrentLimiter,
+    DeratingConfig,
+    charge_factors,
+    discharge_factors,
+    taper_lower,
+    taper_upper,
+)
+from bms.protection.limits import load_limit_set
+from tests.conftest import LIMITS as LIMIT_FILE
+
+LIMITS = load_limit_set(LIMIT_FILE)
+CONFIG = DeratingConfig()
+
+
+def test_upper_taper_is_one_at_mol_zero_at_rsl_linear_between():
+    grades = LIMITS.temp_high_discharge_c  # 55 / 60 / 65
+    assert [taper_upper(t, grades) for t in (20.0, 55.0, 57.5, 60.0, 70.0)] == [
+        1.0,
+        1.0,
+        0.5,
+        0.0,
+        0.0,
+    ]
+    assert taper_upper(math.nan, grades) == 0.0
+
+
+def test_lower_taper_is_one_at_mol_zero_at_rsl_linear_between():
+    grades = LIMITS.cell_voltage_low_v  # 3.0 / 2.8 / 2.5
+    assert [taper_lower(v, grades) for v in (3.5, 3.0, 2.9, 2.8, 2.0)] == pytest.approx(
+        [1.0, 1.0, 0.5, 0.0, 0.0]
+    )
+    assert taper_lower(math.nan, grades) == 0.0
+
+
+def factors(v=3.7, t=25.0, soc=0.5):
+    args = (np.full(4, v), np.full(2, t), np.full(4, soc), LIMITS, CONFIG)
+    return charge_factors(*args), discharge_factors(*args)
+
+
+def test_healthy_pack_is_not_derated():
+    charge, discharge = factors()
+    assert set(charge.values()) == {1.0} and set(discharge.values()) == {1.0}
+
+
+def test_each_factor_derates_its_own_direction():
+    charge, discharge = factors(v=4.175)  # between charge MOL 4.15 and RSL 4.20
+    assert charge["cell_voltage"] == pytest.approx(0.5) and discharge["cell_voltage"] == 1.0
+    charge, discharge = factors(t=47.5)  # between charge MOL 45 and RSL 50; discharge fine
+    assert charge["temp_high"] == pytest.approx(0.5) and discharge["temp_high"] == 1.0
+    charge, discharge = factors(t=7.5)  # cold: charging derates, discharging does not
+    assert charge["temp_low"] == pytest.approx(0.5) and discharge["temp_low"] == 1.0
+    charge, discharge = factors(soc=0.975)
+    assert charge["soc"] == pytest.approx(0.5) and discharge["soc"] == 1.0
+    charge, discharge = factors(soc=0.025)
+    assert charge["soc"] == 1.0 and discharge["soc"] == pytest.approx(0.5)
+
+
+def test_limiter_is_zero_unless_allowed_and_ramps_up_but_falls_at_once():
+    limiter = CurrentLimiter(LIMITS, CONFIG, n_parallel=2)
+    v, t, soc = np.full(4, 3.7), np.full(2, 25.0), np.full(4, 0.5)
+    assert limiter.update(v, t, soc, allowed=False, dt_s=0.1) == (0.0, 0.0)
+    charge_a, discharge_a = limiter.update(v, t, soc, allowed=True, dt_s=0.1)
+    assert (charge_a, discharge_a) == pytest.approx((1.0, 1.0))  # 10 A/s for 0.1 s
+    for _ in range(100):
+        charge_a, discharge_a = limiter.update(v, t, soc, allowed=True, dt_s=0.1)
+    assert (charge_a, discharge_a) == pytest.approx((20.0, 40.0))  # MOL x 2 in parallel
+    hot = np.full(2, 59.0)  # discharge temperature 80 % of the way to its RSL
+    charge_a, discharge_a = limiter.update(v, hot, soc, allowed=True, dt_s=0.1)
+    assert discharge_a == pytest.approx(40.0 * 0.2)
+    assert charge_a == 0.0  # above the charge RSL of 50 degC
+    assert limiter.update(v, t, soc, allowed=False, dt_s=0.1) == (0.0, 0.0)
+
+
+finite_or_nan = st.one_of(st.floats(-50.0, 150.0), st.just(math.nan))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cell_voltage_v=st.lists(
+        st.one_of(st.floats(0.0, 6.0), st.just(math.nan)), min_size=1, max_size=8
+    ),
+    cell_temp_c=st.lists(finite_or_nan, min_size=1, max_size=4),
+    soc=st.lists(st.one_of(st.floats(0.0, 1.0), st.just(math.nan)), min_size=1, max_size=8),
+    allowed=st.booleans(),
+    steps=st.integers(1, 30),
+    n_parallel=st.integers(1, 4),
+)
+def test_published_limits_never_exceed_any_individual_limit(
+    cell_voltage_v, cell_temp_c, soc, allowed, steps, n_parallel
+):
+    v, t, s = np.array(cell_voltage_v), np.array(cell_temp_c), np.array(soc)
+    limiter = CurrentLimiter(LIMITS, CONFIG, n_parallel)
+    for _ in range(steps):
+        charge_a, discharge_a = limiter.update(v, t, s, allowed, dt_s=0.5)
+    charge, discharge = (
+        charge_factors(v, t, s, LIMITS, CONFIG),
+        discharge_factors(v, t, s, LIMITS, CONFIG),
+    )
+    assert 0.0 <= charge_a <= LIMITS.charge_current_a.mol * n_parallel
+    assert 0.0 <= discharge_a <= LIMITS.discharge_current_a.mol * n_parallel
+    for factor in charge.values():
+        assert charge_a <= factor * LIMITS.charge_current_a.mol * n_parallel + 1e-9
+    for factor in discharge.values():
+        assert discharge_a <= factor * LIMITS.discharge_current_a.mol * n_parallel + 1e-9
+    if not allowed or np.isnan(v).any() or np.isnan(t).any():
+        assert charge_a == 0.0 and discharge_a == 0.0
