@@ -24,6 +24,7 @@ from bms.config import BackendChoice, BmsConfig
 from bms.estimation.cell_params import CellParamsError, load_cell_params
 from bms.loop import ControlCycle, CycleTiming, RateKeeper
 from bms.report import pack_summary, status_record, to_json, to_line
+from bms.store.latches import LatchStore, LatchStoreBusy
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ EXIT_USAGE_ERROR = 2
 EXIT_SETUP_FAILED = 3
 EXIT_LOOP_FAILED = 4
 
-SETUP_ERRORS = (FrontEndError, DbcError, CellParamsError, ValueError, OSError)
+SETUP_ERRORS = (FrontEndError, DbcError, CellParamsError, LatchStoreBusy, ValueError, OSError)
 """Errors that mean the configured hardware or files cannot be used: reported, not traced."""
 
 
@@ -192,10 +193,15 @@ def build_cycle(
         sim = config.sim.cls(config, config.sim.options, list(injections or []))
         sim.start()
         resources.callback(sim.stop)
+    latch_store = LatchStore(config.protection.latch_file)
+    latch_store.acquire()  # LatchStoreBusy: another BMS runs on this latch file
+    resources.callback(latch_store.release)
     frontend = _open(resources, config, config.frontend)
     contactors = _open(resources, config, config.contactors)
     publisher = _open(resources, config, config.publisher) if config.publisher else None
-    return ControlCycle(config, cell, frontend, contactors, publisher)
+    cycle = ControlCycle(config, cell, frontend, contactors, publisher, latch_store)
+    resources.callback(cycle.close)
+    return cycle
 
 
 def _open(resources: ExitStack, config: BmsConfig, choice: BackendChoice) -> Backend:

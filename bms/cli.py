@@ -17,6 +17,7 @@ import sys
 
 from bms import app, backends
 from bms.config import SIM_BACKEND, ConfigError, load_config
+from bms.store.latches import LatchStore, LatchStoreBusy
 
 DEFAULT_SIM_CONFIG = "config/sim.toml"
 
@@ -78,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("file")
+
+    faults = commands.add_parser(
+        "faults", help="list the latched faults, or clear them (only while no BMS runs)"
+    )
+    faults.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    faults.add_argument(
+        "fault_ids", nargs="*", metavar="FAULT_ID", help="with clear: only these (default: all)"
+    )
+    faults.add_argument(
+        "--config",
+        default=DEFAULT_SIM_CONFIG,
+        help=f"TOML config file (default {DEFAULT_SIM_CONFIG})",
+    )
     return parser
 
 
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(json.dumps(config.summary(), indent=2))
         return 0
+    if args.command == "faults":
+        return _faults(config, args.action, args.fault_ids)
     if args.command == "sim" and config.sim is None:
         print(f"{config.source}: `bms sim` needs a [sim] section", file=sys.stderr)
         return app.EXIT_USAGE_ERROR
@@ -107,6 +123,29 @@ def main(argv: list[str] | None = None) -> int:
         status_format=args.status_format,
         stop=stop,
     )
+
+
+def _faults(config, action: str, fault_ids: list[str]) -> int:
+    """``bms faults``: list the latched faults; ``bms faults clear``: clear them.
+
+    Clearing is a person's decision and is recorded (who, when). If the cause is still there,
+    the restarted BMS sees it before it would close and latches the fault again.
+    """
+    store = LatchStore(config.protection.latch_file)
+    if action == "clear":
+        try:
+            cleared = store.clear(fault_ids or None)
+        except LatchStoreBusy as exc:
+            print(f"{exc}: stop it first (systemctl stop pybms)", file=sys.stderr)
+            return app.EXIT_SETUP_FAILED
+        print(f"cleared: {', '.join(cleared) or 'nothing was latched'}")
+        return 0
+    latched = store.load()
+    if not latched:
+        print("no latched faults")
+    for record in latched.values():
+        print(f"{record.fault_id}  latched {record.latched_at_utc}  {record.description}")
+    return 0
 
 
 def _log_through_a_queue(level: str) -> None:

@@ -21,6 +21,7 @@ from bms.protection.diagnosis import DiagnosisConfig
 from bms.protection.limits import LimitSet, load_limit_set
 from bms.schema import (
     ExistingPath,
+    RelativePath,
     SchemaError,
     StrictModel,
     describe_errors,
@@ -85,6 +86,9 @@ class ProtectionConfig(StrictModel):
     """Pack-level protection; the per-cell graded limits come from the ``limits`` file."""
 
     limits: ExistingPath = Field(description="limit set of the cell chemistry (TOML)")
+    latch_file: RelativePath = Field(
+        description="where latched faults persist across restarts (created if missing)"
+    )
     short_circuit_current_a: float = Field(gt=0.0, le=100000.0)
     pack_voltage_tolerance_v: float = Field(gt=0.0, le=100.0)
     stuck_time_s: float = Field(5.0, gt=0.0, le=3600.0)

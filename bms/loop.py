@@ -32,6 +32,7 @@ from bms.protection.plausibility import (
     graded_conditions,
     measurement_conditions,
 )
+from bms.store.latches import LatchRecord, LatchStore, LatchWriter, utc_now_iso
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, PackStatus
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,10 @@ class ControlCycle:
         frontend: FrontEnd,
         contactors: ContactorDriver,
         publisher: Publisher | None,
+        latch_store: LatchStore | None = None,
     ):
+        """``latch_store``: where latched faults persist; those found there at start hold the
+        contactors open from the first cycle. None keeps latches in memory only (tests)."""
         self.config = config
         self.frontend = frontend
         self.contactors = contactors
@@ -150,7 +154,18 @@ class ControlCycle:
             cell, n_cells, config.soc.rest_current_a, config.soc.rest_time_s
         )
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
-        self.diagnosis = Diagnosis(config.diagnosis)
+        self.latch_records: dict[str, LatchRecord] = {}
+        self.latch_writer: LatchWriter | None = None
+        if latch_store is not None:
+            self.latch_records = latch_store.load()
+            self.latch_writer = LatchWriter(latch_store)
+            if self.latch_records:
+                log.warning(
+                    "latched before this start, contactors stay open until cleared "
+                    "(bms faults clear): %s",
+                    ", ".join(self.latch_records),
+                )
+        self.diagnosis = Diagnosis(config.diagnosis, latched=self.latch_records)
         self.limiter = CurrentLimiter(config.limits, config.derating, config.pack.n_parallel)
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
@@ -225,6 +240,8 @@ class ControlCycle:
             active, latched = verdict.active, verdict.latched
             for fault_id in verdict.newly_latched:
                 log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
+            if verdict.newly_latched:
+                self._persist_latches(verdict.newly_latched)
         except Exception:
             if not self.protection_failed:
                 log.critical("fault latched: internal_error (protection itself failed)")
@@ -268,6 +285,19 @@ class ControlCycle:
             except Exception:
                 self.errors.report("publish")
         return status
+
+    def _persist_latches(self, fault_ids: tuple[str, ...]) -> None:
+        for fault_id in fault_ids:
+            self.latch_records[fault_id] = LatchRecord(
+                fault_id, utc_now_iso(), FAULTS[fault_id].description
+            )
+        if self.latch_writer is not None:
+            self.latch_writer.submit(self.latch_records)
+
+    def close(self) -> None:
+        """Finish writing the latched faults."""
+        if self.latch_writer is not None:
+            self.latch_writer.close()
 
     def wait_for_first_sample(self, clock: Callable[[], float], timeout_s: float) -> bool:
         """Before the first cycle: wait until every front-end group and the contactor

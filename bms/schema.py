@@ -37,6 +37,15 @@ ExistingPath = Annotated[Path, AfterValidator(_resolve_existing_path)]
 """A path relative to the config file's directory that must exist."""
 
 
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base_dir = (info.context or {}).get("base_dir", Path.cwd())
+    return (value if value.is_absolute() else base_dir / value).resolve()
+
+
+RelativePath = Annotated[Path, AfterValidator(_resolve_path)]
+"""A path relative to the config file's directory, for a file the program creates."""
+
+
 class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 

@@ -56,7 +56,13 @@ def make_config(tmp_path):
 
     def make(changes: dict | None = None, name: str | None = None) -> Path:
         n = next(counter)
-        data = merge(sim_config_data(), {"can": {"channel": f"test-{os.getpid()}-{n}"}})
+        data = merge(
+            sim_config_data(),
+            {
+                "can": {"channel": f"test-{os.getpid()}-{n}"},
+                "protection": {"latch_file": str(tmp_path / f"latched{n}.json")},
+            },
+        )
         data = merge(data, changes or {})
         path = tmp_path / (name or f"config{n}.toml")
         path.write_text(tomli_w.dumps(data))

@@ -15,7 +15,7 @@ service issue) a latched fault stays latched and keeps the contactors open.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pydantic import Field, model_validator
@@ -110,6 +110,12 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         debounce_cycles=1,
     ),
     FaultSpec(
+        "latch_store_unreadable",
+        Action.OPEN_NOW,
+        "the file of latched faults could not be read; a person must clear it",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
         "contactor_feedback_invalid",
         Action.OPEN_AFTER_DELAY,
         "contactor feedback is missing or stale",
@@ -184,7 +190,9 @@ class DiagnosisConfig(StrictModel):
 class Diagnosis:
     """Debounces conditions into faults and latches the ones that open the contactors."""
 
-    def __init__(self, config: DiagnosisConfig):
+    def __init__(self, config: DiagnosisConfig, latched: Iterable[str] = ()):
+        """``latched``: faults latched before a restart; they hold the contactors open from
+        the first cycle (an id this table does not know stays latched too)."""
         rows = {fault_id: config.row(fault_id) for fault_id in FAULTS}
         self._needed = {fault_id: row.debounce_cycles for fault_id, row in rows.items()}
         self._delay_s = {fault_id: row.open_delay_s for fault_id, row in rows.items()}
@@ -192,7 +200,7 @@ class Diagnosis:
         self._counts = dict.fromkeys(FAULTS, 0.0)
         self._active = dict.fromkeys(FAULTS, False)
         self._active_s = dict.fromkeys(FAULTS, 0.0)
-        self._latched: dict[str, None] = {}
+        self._latched: dict[str, None] = dict.fromkeys(latched)
 
     def update(self, conditions: Mapping[str, bool | None], dt_s: float) -> Verdict:
         """Take this cycle's raw conditions and return the verdict.

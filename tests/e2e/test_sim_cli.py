@@ -265,3 +265,50 @@ def test_broken_files_named_by_the_config_are_clear_errors(make_config, tmp_path
     )
     assert proc.returncode == 3
     assert "capacity_ah" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_latched_fault_survives_a_restart_until_a_person_clears_it(make_config):
+    config = make_config(merge(STEADY_DISCHARGE, {"loop": {"status_interval_s": 0.5}}))
+    first = run_sim(config, "--inject", "short@2", duration_s=3.5)
+    assert "short_circuit" in first.summary["latched"]
+
+    listed = run_bms("faults", "--config", str(config))
+    assert listed.returncode == 0 and listed.stdout.startswith("short_circuit  latched ")
+
+    second = run_sim(config, duration_s=3)  # the short is gone, but the latch is not
+    assert all(r["contactors"] in ("open", "fault") for r in second.records)
+    assert all("short_circuit" in r["latched"] for r in second.records)
+    assert "latched before this start" in second.stderr
+
+    cleared = run_bms("faults", "clear", "--config", str(config))
+    assert cleared.returncode == 0 and "cleared: short_circuit" in cleared.stdout
+    third = run_sim(config, duration_s=3)
+    assert third.records[-1]["contactors"] == "closed" and third.records[-1]["latched"] == []
+
+
+def test_faults_cannot_be_cleared_under_a_running_bms(make_config):
+    config = make_config()
+    proc = subprocess.Popen(
+        [str(BMS), "sim", "--config", str(config), "--status-format", "json", "--duration-s", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        proc.stdout.readline()  # running
+        refused = run_bms("faults", "clear", "--config", str(config))
+        assert refused.returncode == 3
+        assert "held by a running BMS" in refused.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+
+
+def test_an_unreadable_latch_file_keeps_the_contactors_open(make_config, tmp_path):
+    latch_file = tmp_path / "broken.json"
+    latch_file.write_text("{ torn by a power cut")
+    config = make_config({"protection": {"latch_file": str(latch_file)}})
+    run = run_sim(config, duration_s=2)
+    assert all(r["contactors"] != "closed" for r in run.records)
+    assert "latch_store_unreadable" in run.records[-1]["latched"]
+    assert "cannot be read" in run.stderr

@@ -20,7 +20,10 @@ from tests.conftest import REPO
 LIMIT_FILE = REPO / "config" / "limits" / "nmc.toml"
 LIMITS = load_limit_set(LIMIT_FILE)
 PROTECTION = ProtectionConfig(
-    limits=LIMIT_FILE, short_circuit_current_a=100.0, pack_voltage_tolerance_v=0.5
+    limits=LIMIT_FILE,
+    latch_file="unused.json",
+    short_circuit_current_a=100.0,
+    pack_voltage_tolerance_v=0.5,
 )
 NO_STUCK = np.zeros(4, dtype=bool)
 REST_A = 0.5

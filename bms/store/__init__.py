@@ -1,0 +1,1 @@
+"""Persistence: what must survive a restart."""
