@@ -171,6 +171,7 @@ class ControlCycle:
         self.close_requested = config.control.close_on_start
         self.protection_failed = False
         self.errors = StageErrors()
+        self._last_state = ContactorState.OPEN
         self._empty = Measurement(
             t_s=0.0,
             cell_voltage_v=np.full(n_cells, np.nan),
@@ -238,6 +239,9 @@ class ControlCycle:
             )
             state, command = out.state, out.command
             active, latched = verdict.active, verdict.latched
+            if state is not self._last_state:
+                log.info("contactors: %s -> %s", self._last_state.value, state.value)
+                self._last_state = state
             for fault_id in verdict.newly_latched:
                 log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
             if verdict.newly_latched:
