@@ -52,6 +52,8 @@ CASES = [
         "frontend_timeout",
         lambda c: c.frontend.options.cell_voltage_timeout_s,
     ),
+    ("insulation", "insulation@{t}", "insulation_error", lambda c: 0.0),
+    ("interlock", "interlock@{t}", "interlock_open", lambda c: 0.0),
     # the open wire opens the contactors; the weld shows when they do not open
     (
         "weld + open_wire",
@@ -86,7 +88,16 @@ def measure(config_path: Path, inject: str, fault_id: str, inject_at_s: float) -
         t
         for t in (
             _first(lines, f"injecting fault {k}")
-            for k in ("open_wire", "nan", "stuck", "overtemp", "short", "silence")
+            for k in (
+                "open_wire",
+                "nan",
+                "stuck",
+                "overtemp",
+                "short",
+                "silence",
+                "insulation",
+                "interlock",
+            )
         )
         if t is not None
     )

@@ -95,6 +95,20 @@ class ProtectionConfig(StrictModel):
     stuck_min_current_a: float = Field(
         1.0, gt=0.0, le=10000.0, description="at rest a flat reading is normal, not stuck"
     )
+    insulation_warning_kohm: float | None = Field(
+        None, gt=0.0, le=100000.0, description="none: the pack has no insulation monitor"
+    )
+    insulation_error_kohm: float | None = Field(None, gt=0.0, le=100000.0)
+    interlock: bool = Field(False, description="the contactor box reports an HV interlock loop")
+
+    @model_validator(mode="after")
+    def _insulation_thresholds(self) -> ProtectionConfig:
+        warning, error = self.insulation_warning_kohm, self.insulation_error_kohm
+        if (warning is None) != (error is None):
+            raise ValueError("set both insulation_warning_kohm and insulation_error_kohm, or none")
+        if warning is not None and error >= warning:
+            raise ValueError("insulation_error_kohm must be below insulation_warning_kohm")
+        return self
 
 
 class BackendSection(BaseModel):

@@ -209,7 +209,9 @@ class ControlCycle:
         try:
             # 2. validate
             stuck = self.stuck.update(m.cell_voltage_v, m.current_a, dt_s)
-            conditions.update(measurement_conditions(m, self.config.protection, stuck))
+            conditions.update(
+                measurement_conditions(m, self.config.protection, stuck, feedback.interlock_closed)
+            )
             conditions.update(
                 graded_conditions(
                     m,

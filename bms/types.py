@@ -7,6 +7,7 @@ A value that is missing, late or implausible is NaN, never a silently replaced n
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ CELL_VOLTAGE_GROUP = "cell_voltage"
 """Names of the front-end's signal groups, as reported in ``Measurement.stale_groups``."""
 TEMPERATURE_GROUP = "temperature"
 PACK_GROUP = "pack"
+INSULATION_GROUP = "insulation"
 
 
 @dataclass(slots=True)
@@ -31,6 +33,8 @@ class Measurement:
     current_a: float
     pack_voltage_v: float
     link_voltage_v: float
+    insulation_kohm: float = math.nan
+    """Insulation resistance to chassis; NaN when there is no valid reading (or no monitor)."""
     stale_groups: tuple[str, ...] = ()
     frame_errors: int = 0
 
@@ -57,6 +61,8 @@ class ContactorFeedback:
 
     relays: RelayStates
     valid: bool
+    interlock_closed: bool | None = None
+    """The high-voltage interlock loop, where the box watches one (None: not reported)."""
 
 
 class ContactorState(enum.Enum):

@@ -19,6 +19,7 @@ class FakeFrontEnd(FrontEnd):
         self.temp_c = 25.0
         self.n_temps = n_temps
         self.current_a = -1.0
+        self.insulation_kohm = 5000.0
         self.error: Exception | None = None
         self.calls: list[str] = []
 
@@ -33,7 +34,13 @@ class FakeFrontEnd(FrontEnd):
         )
         pack_v = float(v.sum())
         return Measurement(
-            t_s, v.copy(), np.full(self.n_temps, self.temp_c), self.current_a, pack_v, pack_v
+            t_s,
+            v.copy(),
+            np.full(self.n_temps, self.temp_c),
+            self.current_a,
+            pack_v,
+            pack_v,
+            insulation_kohm=self.insulation_kohm,
         )
 
     def close(self):
@@ -41,18 +48,20 @@ class FakeFrontEnd(FrontEnd):
 
 
 class FakeBox(ContactorDriver):
-    """Relays follow the last command at once, with valid feedback."""
+    """Relays follow the last command at once, with valid feedback; the interlock loop is
+    ``interlock_closed``."""
 
     def __init__(self, calls: list[str]):
         self.relays = ALL_OPEN
         self.calls = calls
+        self.interlock_closed = True
 
     def command(self, relays: RelayStates) -> None:
         self.calls.append("command")
         self.relays = relays
 
     def feedback(self, t_s):
-        return ContactorFeedback(self.relays, valid=True)
+        return ContactorFeedback(self.relays, valid=True, interlock_closed=self.interlock_closed)
 
     def close(self):
         pass

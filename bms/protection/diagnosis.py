@@ -110,6 +110,26 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         debounce_cycles=1,
     ),
     FaultSpec(
+        "insulation_warning",
+        Action.WARN,
+        "insulation resistance below insulation_warning_kohm",
+    ),
+    FaultSpec(
+        "insulation_error",
+        Action.OPEN_AFTER_DELAY,
+        "insulation resistance below insulation_error_kohm",
+    ),
+    FaultSpec(
+        "insulation_invalid",
+        Action.NO_CLOSE,
+        "no valid insulation reading (the monitor is still measuring, or silent)",
+    ),
+    FaultSpec(
+        "interlock_open",
+        Action.OPEN_AFTER_DELAY,
+        "the high-voltage interlock loop is open (a connector or cover is off)",
+    ),
+    FaultSpec(
         "latch_store_unreadable",
         Action.OPEN_NOW,
         "the file of latched faults could not be read; a person must clear it",

@@ -104,14 +104,19 @@ def graded_conditions(
 
 
 def measurement_conditions(
-    m: Measurement, limits: ProtectionConfig, stuck: np.ndarray
+    m: Measurement,
+    limits: ProtectionConfig,
+    stuck: np.ndarray,
+    interlock_closed: bool | None = None,
 ) -> dict[str, bool | None]:
-    """Conditions that do not depend on the limit set: validity and plausibility."""
+    """Conditions that do not depend on the limit set: validity, plausibility, insulation and
+    the interlock loop (each only where the config says the pack has one)."""
+    conditions = _insulation_and_interlock(m.insulation_kohm, limits, interlock_closed)
     v = m.cell_voltage_v
     i = m.current_a
     current_known = not np.isnan(i)
     all_known = not np.isnan(v).any() and not np.isnan(m.pack_voltage_v)
-    return {
+    return conditions | {
         "cell_voltage_invalid": bool(np.isnan(v).any()),
         "cell_voltage_stuck": bool(stuck.any()),
         "pack_voltage_mismatch": (
@@ -124,3 +129,21 @@ def measurement_conditions(
         "current_invalid": not current_known,
         "frontend_timeout": bool(m.stale_groups),
     }
+
+
+def _insulation_and_interlock(
+    insulation_kohm: float, limits: ProtectionConfig, interlock_closed: bool | None
+) -> dict[str, bool | None]:
+    conditions: dict[str, bool | None] = {}
+    if limits.insulation_error_kohm is not None:
+        known = not np.isnan(insulation_kohm)
+        conditions["insulation_invalid"] = not known
+        conditions["insulation_warning"] = (
+            insulation_kohm < limits.insulation_warning_kohm if known else None
+        )
+        conditions["insulation_error"] = (
+            insulation_kohm < limits.insulation_error_kohm if known else None
+        )
+    if limits.interlock:
+        conditions["interlock_open"] = None if interlock_closed is None else not interlock_closed
+    return conditions

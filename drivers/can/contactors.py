@@ -52,6 +52,7 @@ class CanContactors(CanBackend, ContactorDriver):
             self._feedback_message = link.codec.message(options.feedback_message, RELAY_SIGNALS)
         self.link.subscribe(self._feedback_message.frame_id, self._on_feedback)
         self._relays: RelayStates | None = None
+        self._interlock_closed: bool | None = None
         self._rx_t_s = float("-inf")
         self._counter = 0
         self.feedback_counter = RollingCounter()
@@ -64,6 +65,9 @@ class CanContactors(CanBackend, ContactorDriver):
             return
         if self.feedback_counter.advanced(values["Counter"]):
             self._relays = relays_from_signals(values)
+            self._interlock_closed = (
+                None if "InterlockClosed" not in values else values["InterlockClosed"] == 1
+            )
             self._rx_t_s = t_s
 
     def command(self, relays: RelayStates) -> None:
@@ -75,4 +79,4 @@ class CanContactors(CanBackend, ContactorDriver):
         fresh = self._relays is not None and t_s - self._rx_t_s <= self.options.frame_timeout_s
         if not fresh:
             return ContactorFeedback(RelayStates(), valid=False)
-        return ContactorFeedback(self._relays, valid=True)
+        return ContactorFeedback(self._relays, valid=True, interlock_closed=self._interlock_closed)

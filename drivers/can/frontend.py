@@ -10,6 +10,7 @@ received; one older than its group's timeout is NaN and its group is reported st
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from pydantic import Field
@@ -18,7 +19,13 @@ from bms.backends import FrontEnd
 from bms.comms.dbc import DbcError
 from bms.config import BmsConfig
 from bms.schema import StrictModel
-from bms.types import CELL_VOLTAGE_GROUP, PACK_GROUP, TEMPERATURE_GROUP, Measurement
+from bms.types import (
+    CELL_VOLTAGE_GROUP,
+    INSULATION_GROUP,
+    PACK_GROUP,
+    TEMPERATURE_GROUP,
+    Measurement,
+)
 from drivers.can.link import CanBackend, CanLink, RollingCounter
 
 log = logging.getLogger(__name__)
@@ -31,13 +38,19 @@ class CanFrontEndOptions(StrictModel):
     cell_voltage_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
     temperature_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
     pack_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
+    insulation_message: str = Field(
+        "IMD_Info", description="read when [protection] sets insulation thresholds"
+    )
+    insulation_timeout_s: float = Field(2.0, gt=0.0, le=60.0)
 
 
 class _Group:
     """Values of one signal group with the time each was last received.
 
     With a ``counter`` (the message's rolling counter), a frame that repeats the previous
-    count is ignored, so a frozen sender goes stale instead of looking alive.
+    count is ignored, so a frozen sender goes stale instead of looking alive. With a
+    ``valid_flag``, a frame whose flag is not 1 makes the group's values NaN (fresh but
+    invalid: a device that is still measuring).
     """
 
     def __init__(
@@ -46,6 +59,7 @@ class _Group:
         invalid_names: list[str | None],
         timeout_s: float,
         counter: RollingCounter | None = None,
+        valid_flag: str | None = None,
     ):
         self.index = {name: i for i, name in enumerate(names)}
         self.invalid_index = {name: i for i, name in enumerate(invalid_names) if name}
@@ -53,6 +67,7 @@ class _Group:
         self.rx_t_s = np.full(len(names), -np.inf)
         self.timeout_s = timeout_s
         self.counter = counter
+        self.valid_flag = valid_flag
 
     def update(self, t_s: float, decoded: dict[str, float]) -> None:
         if self.counter is not None and not self.counter.advanced(decoded["Counter"]):
@@ -65,6 +80,8 @@ class _Group:
         for name, i in self.invalid_index.items():
             if decoded.get(name, 0) == 1:  # NaN flag (not available) reads as "not invalid"
                 self.values[i] = np.nan
+        if self.valid_flag is not None and decoded.get(self.valid_flag) != 1:
+            self.values[:] = np.nan
 
     def read(self, t_s: float) -> tuple[np.ndarray, bool]:
         """Return (values with stale ones as NaN, whether any is stale)."""
@@ -91,6 +108,12 @@ class CanFrontEnd(CanBackend, FrontEnd):
             cell_message = link.codec.message(options.cell_voltage_message, cells + cell_flags)
             temp_message = link.codec.message(options.temperature_message, temps + temp_flags)
             pack_message = link.codec.message(options.pack_message, [*pack, "Counter"])
+            insulation_message = None
+            if config.protection.insulation_error_kohm is not None:
+                insulation_message = link.codec.message(
+                    options.insulation_message,
+                    ["InsulationResistance", "MeasurementValid", "Counter"],
+                )
             limits = config.limits
             _check_measurable(
                 cell_message,
@@ -109,12 +132,19 @@ class CanFrontEnd(CanBackend, FrontEnd):
         self.cells = _Group(cells, cell_flags, options.cell_voltage_timeout_s)
         self.temps = _Group(temps, temp_flags, options.temperature_timeout_s)
         self.pack = _Group(pack, [None] * 3, options.pack_timeout_s, self.pack_counter)
+        groups = [(cell_message, self.cells), (temp_message, self.temps), (pack_message, self.pack)]
+        self.insulation: _Group | None = None
+        if insulation_message is not None:
+            self.insulation = _Group(
+                ["InsulationResistance"],
+                [None],
+                options.insulation_timeout_s,
+                RollingCounter(),
+                valid_flag="MeasurementValid",
+            )
+            groups.append((insulation_message, self.insulation))
         self.frame_errors = 0
-        for message, group in (
-            (cell_message, self.cells),
-            (temp_message, self.temps),
-            (pack_message, self.pack),
-        ):
+        for message, group in groups:
             self.link.subscribe(message.frame_id, self._handler(message, group))
 
     def _handler(self, message, group: _Group):
@@ -143,12 +173,16 @@ class CanFrontEnd(CanBackend, FrontEnd):
         cell_voltage_v, cells_stale = self.cells.read(t_s)
         cell_temp_c, temps_stale = self.temps.read(t_s)
         (current_a, pack_voltage_v, link_voltage_v), pack_stale = self.pack.read(t_s)
+        insulation_kohm, insulation_stale = math.nan, False
+        if self.insulation is not None:
+            (insulation_kohm,), insulation_stale = self.insulation.read(t_s)
         stale = tuple(
             name
             for name, is_stale in (
                 (CELL_VOLTAGE_GROUP, cells_stale),
                 (TEMPERATURE_GROUP, temps_stale),
                 (PACK_GROUP, pack_stale),
+                (INSULATION_GROUP, insulation_stale),
             )
             if is_stale
         )
@@ -159,6 +193,7 @@ class CanFrontEnd(CanBackend, FrontEnd):
             current_a=float(current_a),
             pack_voltage_v=float(pack_voltage_v),
             link_voltage_v=float(link_voltage_v),
+            insulation_kohm=float(insulation_kohm),
             stale_groups=stale,
             frame_errors=self.frame_errors,
         )

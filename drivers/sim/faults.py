@@ -19,6 +19,8 @@ FAULT_KINDS: dict[str, str] = {
     "short": "an external short circuit on the DC link",
     "weld": "the positive contactor welds: it stays closed once closed",
     "silence": "the front-end stops sending measurements",
+    "insulation": "the insulation to chassis breaks down to insulation_fault_kohm",
+    "interlock": "the high-voltage interlock loop opens (a connector pulled)",
 }
 CELL_KINDS = frozenset({"open_wire", "stuck", "nan", "overtemp"})
 

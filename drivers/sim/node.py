@@ -17,7 +17,7 @@ from bms.comms.dbc import DbcCodec
 from bms.config import BmsConfig
 from bms.estimation.cell_params import load_cell_params
 from bms.loop import RateKeeper
-from bms.types import ALL_OPEN, RelayStates
+from bms.types import ALL_OPEN
 from drivers.can.contactors import RELAY_SIGNALS, relay_signals, relays_from_signals
 from drivers.can.link import RollingCounter, open_bus, send_message
 from drivers.sim import load
@@ -73,7 +73,12 @@ class SimulatedPack(Simulator):
         self.temperatures = codec.message("CMU_CellTemperatures")
         self.pack = codec.message("CMU_PackMeasurements")
         self.command_message = codec.message("BMS_ContactorCommand", RELAY_SIGNALS)
-        self.feedback_message = codec.message("PDU_ContactorFeedback", RELAY_SIGNALS)
+        self.feedback_message = codec.message(
+            "PDU_ContactorFeedback", [*RELAY_SIGNALS, "InterlockClosed"]
+        )
+        self.imd_message = codec.message(
+            "IMD_Info", ["InsulationResistance", "MeasurementValid", "Counter"]
+        )
         self.can_config = config.can
         self.silenced = False
         self._command = ALL_OPEN
@@ -123,7 +128,15 @@ class SimulatedPack(Simulator):
             self._command = ALL_OPEN
         self.plant.step(dt_s, self.load(t_s), self._command)
         readings = self.plant.readings()
-        self._send_feedback(readings.relays)
+        self._send_feedback(readings)
+        self._send(
+            self.imd_message,
+            {
+                "InsulationResistance": readings.insulation_kohm,
+                "MeasurementValid": int(t_s >= self.options.imd_startup_s),
+                "Counter": self._counter,
+            },
+        )
         if not self.silenced:
             self._send_measurements(readings)
 
@@ -149,6 +162,10 @@ class SimulatedPack(Simulator):
             faults.weld = True
         elif injection.kind == "silence":
             self.silenced = True
+        elif injection.kind == "insulation":
+            faults.insulation = True
+        elif injection.kind == "interlock":
+            faults.interlock = True
 
     # ---------------------------------------------------------------- CAN
     def _receive_commands(self, t_s: float) -> None:
@@ -166,9 +183,15 @@ class SimulatedPack(Simulator):
     def _send(self, message, values) -> None:
         send_message(self._bus, self.codec, message, values)
 
-    def _send_feedback(self, relays: RelayStates) -> None:
+    def _send_feedback(self, readings) -> None:
         self._counter = (self._counter + 1) % 16
-        self._send(self.feedback_message, relay_signals(relays, self._counter))
+        self._send(
+            self.feedback_message,
+            {
+                **relay_signals(readings.relays, self._counter),
+                "InterlockClosed": int(readings.interlock_closed),
+            },
+        )
 
     def _send_measurements(self, r) -> None:
         n_cells = r.cell_voltage_v.size

@@ -37,6 +37,8 @@ class Readings:
     pack_voltage_v: float
     link_voltage_v: float
     relays: RelayStates
+    insulation_kohm: float
+    interlock_closed: bool
 
 
 @dataclass(slots=True)
@@ -47,6 +49,8 @@ class InjectedFaults:
     overtemp: set[int] = field(default_factory=set)
     short: bool = False
     weld: bool = False
+    insulation: bool = False
+    interlock: bool = False
 
 
 class PackPlant:
@@ -187,4 +191,8 @@ class PackPlant:
             pack_voltage_v=pack_v + 0.01 * noise(),
             link_voltage_v=max(0.0, self.link_voltage_v + 0.01 * noise()),
             relays=self.relays,
+            insulation_kohm=(
+                o.insulation_fault_kohm if self.faults.insulation else o.insulation_kohm
+            ),
+            interlock_closed=not self.faults.interlock,
         )

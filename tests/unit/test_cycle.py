@@ -134,3 +134,32 @@ def test_repeated_failures_are_logged_once_then_counted(cycle, caplog):
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1
     assert cycle.errors.counts["front-end read"] == 50
+
+
+def test_no_close_without_a_valid_insulation_reading(cycle):
+    cycle.frontend.insulation_kohm = math.nan  # the monitor is still measuring
+    status = run(cycle, 10)
+    assert status.contactors is ContactorState.OPEN
+    assert "insulation_invalid" in status.active_faults and status.latched_faults == ()
+    cycle.frontend.insulation_kohm = 5000.0
+    assert run(cycle, 10, t0_s=1.0).contactors is ContactorState.CLOSED
+
+
+def test_insulation_breakdown_warns_then_opens(cycle):
+    run(cycle, 10)
+    cycle.frontend.insulation_kohm = 20.0  # below the warning, above the error threshold
+    status = run(cycle, 20, t0_s=1.0)
+    assert status.active_faults == ("insulation_warning",)
+    assert status.contactors is ContactorState.CLOSED
+    cycle.frontend.insulation_kohm = 3.0
+    status = run(cycle, 12, t0_s=3.0)
+    assert "insulation_error" in status.latched_faults
+    assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_an_open_interlock_loop_opens(cycle):
+    run(cycle, 10)
+    cycle.contactors.interlock_closed = False
+    status = run(cycle, 12, t0_s=1.0)
+    assert "interlock_open" in status.latched_faults
+    assert cycle.contactors.relays == ALL_OPEN

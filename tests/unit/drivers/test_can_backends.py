@@ -79,6 +79,12 @@ def send_all(peer, codec, current_a=-12.5, counter=1):
         "CMU_PackMeasurements",
         {"PackCurrent": current_a, "PackVoltage": 18.01, "LinkVoltage": 17.5, "Counter": counter},
     )
+    send(
+        peer,
+        codec,
+        "IMD_Info",
+        {"InsulationResistance": 1234, "MeasurementValid": 1, "Counter": counter},
+    )
 
 
 def test_frontend_decodes_every_signal_in_units(frontend, peer, codec):
@@ -154,10 +160,11 @@ def test_contactor_driver_commands_and_reads_feedback(config, peer, codec):
             peer,
             codec,
             "PDU_ContactorFeedback",
-            {"Negative": 1, "Precharge": 0, "Positive": 1, "Counter": 3},
+            {"Negative": 1, "Precharge": 0, "Positive": 1, "Counter": 3, "InterlockClosed": 0},
         )
         feedback = driver.feedback(5.0)
         assert feedback.valid and feedback.relays == RelayStates(True, False, True)
+        assert feedback.interlock_closed is False
         timeout_s = config.contactors.options.frame_timeout_s
         assert not driver.feedback(5.0 + timeout_s + 0.01).valid
         feedback_id = codec.message("PDU_ContactorFeedback").frame_id
@@ -258,7 +265,7 @@ def test_limits_the_dbc_cannot_carry_are_refused(make_config, make_limits):
 def test_feedback_that_repeats_its_counter_goes_stale(config, peer, codec):
     driver = CanContactors(config, config.contactors.options)
     try:
-        closed = {"Negative": 1, "Precharge": 0, "Positive": 1, "Counter": 7}
+        closed = {"Negative": 1, "Precharge": 0, "Positive": 1, "Counter": 7, "InterlockClosed": 1}
         send(peer, codec, "PDU_ContactorFeedback", closed)
         assert driver.feedback(5.0).valid
         send(peer, codec, "PDU_ContactorFeedback", closed)  # frozen box
@@ -266,3 +273,26 @@ def test_feedback_that_repeats_its_counter_goes_stale(config, peer, codec):
         assert not driver.feedback(5.0 + timeout_s + 0.01).valid
     finally:
         driver.close()
+
+
+def test_insulation_reading_is_nan_until_the_monitor_says_it_is_valid(frontend, peer, codec):
+    send_all(peer, codec)
+    assert frontend.read(10.0).insulation_kohm == 1234
+    send(
+        peer, codec, "IMD_Info", {"InsulationResistance": 900, "MeasurementValid": 0, "Counter": 2}
+    )
+    m = frontend.read(10.1)
+    assert math.isnan(m.insulation_kohm) and "insulation" not in m.stale_groups
+    m = frontend.read(10.1 + 2.1)  # insulation_timeout_s
+    assert "insulation" in m.stale_groups
+
+
+def test_a_pack_without_insulation_monitor_does_not_wait_for_one(make_config):
+    no_monitor = {"insulation_warning_kohm": None, "insulation_error_kohm": None}
+    config = load_config(make_config({"protection": no_monitor}))
+    frontend = CanFrontEnd(config, config.frontend.options)
+    try:
+        m = frontend.read(100.0)
+        assert "insulation" not in m.stale_groups and math.isnan(m.insulation_kohm)
+    finally:
+        frontend.close()
