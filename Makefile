@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test lint clean
+.PHONY: run test lint mutation clean
 
 run: $(VENV)/.installed-run
 	$(BIN)/bms sim --config config/sim.toml $(ARGS)
@@ -20,6 +20,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# Mutation testing of bms/protection (not part of `make test`: it takes a minute or two).
+mutation: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q mutmut
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 # Debian's system Python ships venv without ensurepip: install python3-venv when we may.
 $(BIN)/python:
@@ -44,4 +51,4 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-run
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

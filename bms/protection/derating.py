@@ -59,12 +59,12 @@ def _taper_soc(soc: float, start: float, end: float) -> float:
 
 
 def _max(values: np.ndarray) -> float:
-    """The maximum, or NaN if any value is NaN (a missing cell may be the extreme one)."""
-    return math.nan if values.size == 0 or np.isnan(values).any() else float(values.max())
+    """The maximum; NaN if any value is NaN (a missing cell may be the extreme one)."""
+    return float(np.max(values))
 
 
 def _min(values: np.ndarray) -> float:
-    return math.nan if values.size == 0 or np.isnan(values).any() else float(values.min())
+    return float(np.min(values))
 
 
 def charge_factors(

@@ -244,7 +244,6 @@ class Diagnosis:
             active = self._counts[fault_id] >= needed or (was_active and self._counts[fault_id] > 0)
             self._active[fault_id] = active
             if not active:
-                self._active_s[fault_id] = 0.0
                 continue
             # The open delay counts from the cycle the fault became active.
             self._active_s[fault_id] = self._active_s[fault_id] + dt_s if was_active else 0.0
