@@ -13,6 +13,7 @@ import abc
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 from pydantic import BaseModel
 
 from bms.types import ContactorFeedback, Measurement, PackStatus, RelayStates
@@ -57,11 +58,18 @@ class Backend(abc.ABC):
 
 
 class FrontEnd(Backend):
-    """Cell, temperature and pack measurements."""
+    """Cell, temperature and pack measurements, and the cells' bleed resistors."""
+
+    supports_balancing: ClassVar[bool] = False
 
     @abc.abstractmethod
     def read(self, t_s: float) -> Measurement:
         """Return the newest sample; never block longer than a small fraction of a cycle."""
+
+    def balance(self, cells: np.ndarray) -> None:
+        """Switch the bleed resistors of the cells in the mask (n_cells,) on, the rest off;
+        sent every cycle, so a front-end that stops hearing it stops bleeding."""
+        raise NotImplementedError(f"{type(self).__name__} cannot balance")
 
 
 class ContactorDriver(Backend):

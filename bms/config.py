@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bms import backends
+from bms.protection.balancing import BalancingConfig
 from bms.protection.derating import DeratingConfig
 from bms.protection.diagnosis import DiagnosisConfig
 from bms.protection.limits import LimitSet, load_limit_set
@@ -132,6 +133,7 @@ class FileConfig(StrictModel):
     protection: ProtectionConfig
     diagnosis: DiagnosisConfig = DiagnosisConfig()
     derating: DeratingConfig = DeratingConfig()
+    balancing: BalancingConfig = BalancingConfig()
     sim: dict[str, Any] | None = None
 
 
@@ -158,6 +160,7 @@ class BmsConfig:
     limits: LimitSet
     diagnosis: DiagnosisConfig
     derating: DeratingConfig
+    balancing: BalancingConfig
     frontend: BackendChoice
     contactors: BackendChoice
     publisher: BackendChoice | None
@@ -167,6 +170,7 @@ class BmsConfig:
         """The resolved config as plain data, for ``bms check-config``."""
         resolved: dict[str, Any] = {"source": str(self.source)}
         for name in (
+            "balancing",
             "pack",
             "loop",
             "can",
@@ -235,6 +239,7 @@ def load_config(path: str | Path) -> BmsConfig:
         limits=limits,
         diagnosis=parsed.diagnosis,
         derating=parsed.derating,
+        balancing=parsed.balancing,
         frontend=choices["frontend"],
         contactors=choices["contactors"],
         publisher=choices["publisher"],

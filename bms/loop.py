@@ -24,6 +24,7 @@ from bms.backends import ContactorDriver, FrontEnd, Publisher
 from bms.config import BmsConfig
 from bms.estimation.cell_params import CellParams
 from bms.estimation.coulomb import CoulombCounter
+from bms.protection.balancing import Balancer
 from bms.protection.contactors import ContactorStateMachine
 from bms.protection.derating import CurrentLimiter
 from bms.protection.diagnosis import FAULTS, Action, Diagnosis
@@ -167,6 +168,15 @@ class ControlCycle:
                 )
         self.diagnosis = Diagnosis(config.diagnosis, latched=self.latch_records)
         self.limiter = CurrentLimiter(config.limits, config.derating, config.pack.n_parallel)
+        self.balancer: Balancer | None = None
+        if config.balancing.enabled:
+            if frontend.supports_balancing:
+                self.balancer = Balancer(config.balancing, n_cells, cell.capacity_ah)
+            else:
+                log.warning(
+                    "[balancing] is enabled but the %s front-end cannot balance",
+                    config.frontend.name,
+                )
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
         self.protection_failed = False
@@ -257,10 +267,9 @@ class ControlCycle:
             state, command = ContactorState.FAULT, ALL_OPEN
             active = latched = ("internal_error",)
 
-        # Derating: current only while closed and no fault forbids it.
-        allowed = state is ContactorState.CLOSED and not any(
-            FAULTS[f].action >= Action.NO_CLOSE for f in active
-        )
+        # Derating and balancing: only while no active fault forbids a close (nor a latch).
+        forbidden = bool(latched) or any(FAULTS[f].action >= Action.NO_CLOSE for f in active)
+        allowed = state is ContactorState.CLOSED and not forbidden
         try:
             charge_limit_a, discharge_limit_a = self.limiter.update(
                 m.cell_voltage_v, m.cell_temp_c, soc, allowed, dt_s
@@ -268,6 +277,20 @@ class ControlCycle:
         except Exception:
             self.errors.report("derating")
             charge_limit_a = discharge_limit_a = 0.0
+        balancing = None
+        if self.balancer is not None:
+            try:
+                may_bleed = self.balancer.allowed(
+                    m.cell_voltage_v,
+                    m.cell_temp_c,
+                    m.current_a,
+                    self.config.soc.rest_current_a,
+                    forbidden,
+                )
+                balancing = self.balancer.update(t_s, soc, m.cell_voltage_v, may_bleed)
+            except Exception:
+                self.errors.report("balancing decision")
+                balancing = np.zeros(self.config.pack.n_cells, dtype=bool)
         status = PackStatus(
             t_s=t_s,
             contactors=state,
@@ -277,6 +300,7 @@ class ControlCycle:
             latched_faults=latched,
             charge_limit_a=charge_limit_a,
             discharge_limit_a=discharge_limit_a,
+            balancing=balancing,
         )
 
         # 5. actuate (also the dead-man refresh of the contactor box)
@@ -284,6 +308,11 @@ class ControlCycle:
             self.contactors.command(command)
         except Exception:
             self.errors.report("contactor command")  # the box's dead-man opens on its own
+        if balancing is not None:
+            try:
+                self.frontend.balance(balancing)
+            except Exception:
+                self.errors.report("balancing command")  # the front-end stops on its own
         # 6. publish
         if self.publisher is not None:
             try:

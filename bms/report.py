@@ -68,6 +68,11 @@ def status_record(
         "discharge_limit_a": status.discharge_limit_a,
         "faults": list(status.active_faults),
         "latched": list(status.latched_faults),
+        "balancing": (
+            []
+            if status.balancing is None
+            else [int(i) + 1 for i in np.flatnonzero(status.balancing)]
+        ),
         "stale": list(m.stale_groups),
         "frame_errors": m.frame_errors,
         "cycle_time_mean_s": cycle_time_mean_s,
@@ -100,7 +105,7 @@ def to_line(r: dict[str, Any]) -> str:
         f"T {_num(r['temp_min_c'], '.1f')}..{_num(r['temp_max_c'], '.1f')} C | "
         f"{r['contactors']:<9} | "
         f"limits +{r['charge_limit_a']:.1f}/-{r['discharge_limit_a']:.1f} A | "
-        f"faults {faults} | latched {latched} | "
+        f"bal {len(r['balancing'])} | faults {faults} | latched {latched} | "
         f"cycle {r['cycle_time_mean_s'] * 1e3:.2f}/{r['cycle_time_max_s'] * 1e3:.2f} ms "
         f"missed {r['missed_cycles']}"
     )

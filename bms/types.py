@@ -87,3 +87,5 @@ class PackStatus:
     latched_faults: tuple[str, ...]
     charge_limit_a: float
     discharge_limit_a: float
+    balancing: np.ndarray | None = None
+    """Cells bleeding this cycle (n_cells,), or None where balancing is off."""

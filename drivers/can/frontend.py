@@ -42,6 +42,7 @@ class CanFrontEndOptions(StrictModel):
         "IMD_Info", description="read when [protection] sets insulation thresholds"
     )
     insulation_timeout_s: float = Field(2.0, gt=0.0, le=60.0)
+    balancing_message: str = "BMS_BalancingCommand"
 
 
 class _Group:
@@ -90,9 +91,11 @@ class _Group:
 
 
 class CanFrontEnd(CanBackend, FrontEnd):
-    """Reads cell voltages, temperatures and pack measurements from CAN frames."""
+    """Reads cell voltages, temperatures and pack measurements from CAN frames, and commands
+    the cells' bleed resistors."""
 
     Options = CanFrontEndOptions
+    supports_balancing = True
 
     def __init__(self, config: BmsConfig, options: CanFrontEndOptions):
         n_cells = config.pack.n_cells
@@ -108,6 +111,10 @@ class CanFrontEnd(CanBackend, FrontEnd):
             cell_message = link.codec.message(options.cell_voltage_message, cells + cell_flags)
             temp_message = link.codec.message(options.temperature_message, temps + temp_flags)
             pack_message = link.codec.message(options.pack_message, [*pack, "Counter"])
+            self.balancing_message = link.codec.message(
+                options.balancing_message,
+                [f"Balance{i + 1}" for i in range(n_cells)] + ["Counter"],
+            )
             insulation_message = None
             if config.protection.insulation_error_kohm is not None:
                 insulation_message = link.codec.message(
@@ -144,6 +151,10 @@ class CanFrontEnd(CanBackend, FrontEnd):
             )
             groups.append((insulation_message, self.insulation))
         self.frame_errors = 0
+        self._balance_counter = 0
+        self._balance_signals = [
+            signal.name for signal in self.balancing_message.signals if signal.name != "Counter"
+        ]
         for message, group in groups:
             self.link.subscribe(message.frame_id, self._handler(message, group))
 
@@ -167,6 +178,14 @@ class CanFrontEnd(CanBackend, FrontEnd):
             group.update(t_s, decoded)
 
         return handle
+
+    def balance(self, cells: np.ndarray) -> None:
+        self._balance_counter = (self._balance_counter + 1) % 16
+        values = dict.fromkeys(self._balance_signals, 0)
+        for index in np.flatnonzero(cells):
+            values[f"Balance{index + 1}"] = 1
+        values["Counter"] = self._balance_counter
+        self.link.send(self.balancing_message, values)
 
     def read(self, t_s: float) -> Measurement:
         self.link.poll(t_s)

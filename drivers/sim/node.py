@@ -12,6 +12,8 @@ import logging
 import math
 import threading
 
+import numpy as np
+
 from bms.backends import Simulator
 from bms.comms.dbc import DbcCodec
 from bms.config import BmsConfig
@@ -76,6 +78,9 @@ class SimulatedPack(Simulator):
         self.feedback_message = codec.message(
             "PDU_ContactorFeedback", [*RELAY_SIGNALS, "InterlockClosed"]
         )
+        self.balancing_message = codec.message("BMS_BalancingCommand")
+        self.balancing_counter = RollingCounter()
+        self._balancing_t_s = -math.inf
         self.imd_message = codec.message(
             "IMD_Info", ["InsulationResistance", "MeasurementValid", "Counter"]
         )
@@ -126,6 +131,8 @@ class SimulatedPack(Simulator):
         self._receive_commands(t_s)
         if t_s - self._command_t_s > self.options.deadman_timeout_s:
             self._command = ALL_OPEN
+        if t_s - self._balancing_t_s > self.options.balancing_timeout_s:
+            self.plant.bleeding[:] = False  # the front-end stops bleeding without commands
         self.plant.step(dt_s, self.load(t_s), self._command)
         readings = self.plant.readings()
         self._send_feedback(readings)
@@ -170,6 +177,9 @@ class SimulatedPack(Simulator):
     # ---------------------------------------------------------------- CAN
     def _receive_commands(self, t_s: float) -> None:
         while (frame := self._bus.recv(timeout=0.0)) is not None:
+            if frame.arbitration_id == self.balancing_message.frame_id:
+                self._receive_balancing(t_s, bytes(frame.data))
+                continue
             if frame.arbitration_id != self.command_message.frame_id:
                 continue
             try:
@@ -179,6 +189,18 @@ class SimulatedPack(Simulator):
             if self.command_counter.advanced(values["Counter"]):  # a repeat is no refresh
                 self._command = relays_from_signals(values)
                 self._command_t_s = t_s
+
+    def _receive_balancing(self, t_s: float, data: bytes) -> None:
+        try:
+            values = self.codec.decode(self.balancing_message, data)
+        except Exception:
+            return
+        if self.balancing_counter.advanced(values["Counter"]):
+            n_cells = self.plant.bleeding.size
+            self.plant.bleeding = np.array(
+                [values.get(f"Balance{i + 1}") == 1 for i in range(n_cells)]
+            )
+            self._balancing_t_s = t_s
 
     def _send(self, message, values) -> None:
         send_message(self._bus, self.codec, message, values)

@@ -58,6 +58,10 @@ class SimOptions(StrictModel):
     precharge_resistance_ohm: float = Field(50.0, gt=0.0, le=1e6)
     link_capacitance_f: float = Field(0.004, gt=0.0, le=10.0)
     short_resistance_ohm: float = Field(0.02, gt=0.0, le=1e3)
+    bleed_resistance_ohm: float = Field(33.0, gt=0.0, le=1e6)
+    balancing_timeout_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="the front-end stops bleeding when commands stop"
+    )
     insulation_kohm: float = Field(5000.0, gt=0.0, le=65000.0)
     insulation_fault_kohm: float = Field(5.0, gt=0.0, le=65000.0)
     imd_startup_s: float = Field(

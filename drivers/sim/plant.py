@@ -88,6 +88,7 @@ class PackPlant:
         self.link_voltage_v = 0.0
         self.current_a = 0.0
         self.faults = InjectedFaults()
+        self.bleeding = np.zeros(n_cells, dtype=bool)
 
     # ---------------------------------------------------------------- physics
     def _resistance_factor(self) -> np.ndarray:
@@ -147,9 +148,14 @@ class PackPlant:
         positive = command.positive or (self.faults.weld and self.relays.positive)
         self.relays = RelayStates(command.negative, command.precharge, positive)
 
-    def _step_cells(self, dt_s: float, current_a: float) -> None:
+    def _step_cells(self, dt_s: float, pack_current_a: float) -> None:
         factor = self._resistance_factor()
         r0, r1, r2 = self.r0_ohm * factor, self.r1_ohm * factor, self.r2_ohm * factor
+        # A bleeding cell also discharges through its balancing resistor.
+        bleed_a = np.where(
+            self.bleeding, self.cell.ocv_at(self.soc) / self.options.bleed_resistance_ohm, 0.0
+        )
+        current_a = pack_current_a - bleed_a
         self.soc = np.clip(
             self.soc + current_a * dt_s / (SECONDS_PER_HOUR * self.capacity_ah), 0.0, 1.0
         )

@@ -328,3 +328,17 @@ def test_an_unreadable_latch_file_keeps_the_contactors_open(make_config, tmp_pat
     assert all(r["contactors"] != "closed" for r in run.records)
     assert "latch_store_unreadable" in run.records[-1]["latched"]
     assert "cannot be read" in run.stderr
+
+
+def test_cells_bleed_at_rest_but_not_while_discharging(make_config):
+    at_rest = {
+        "loop": {"status_interval_s": 0.5},
+        "sim": {"load": {"profile": "constant", "current_a": 0.0}},
+    }
+    run = run_sim(make_config(at_rest), duration_s=3)
+    # 16 cells, 1 % SOC spread (50 mAh): every cell but the lowest holds > 10 mAh more
+    assert any(len(r["balancing"]) >= 8 for r in run.records)
+    assert all(1 <= cell <= 16 for r in run.records for cell in r["balancing"])
+    run = run_sim(make_config(STEADY_DISCHARGE), duration_s=3)
+    closed = [r for r in run.records if r["contactors"] == "closed"]
+    assert closed and all(r["balancing"] == [] for r in closed)

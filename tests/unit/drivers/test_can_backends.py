@@ -296,3 +296,13 @@ def test_a_pack_without_insulation_monitor_does_not_wait_for_one(make_config):
         assert "insulation" not in m.stale_groups and math.isnan(m.insulation_kohm)
     finally:
         frontend.close()
+
+
+def test_balancing_command_carries_the_cells_and_a_counter(frontend, peer, codec):
+    frontend.balance(np.array([False, True, False, False, True]))
+    frontend.balance(np.array([False, False, False, False, False]))
+    message = codec.message("BMS_BalancingCommand")
+    first = codec.decode(message, peer.recv(timeout=1.0).data)
+    second = codec.decode(message, peer.recv(timeout=1.0).data)
+    assert [first[f"Balance{i}"] for i in range(1, 7)] == [0, 1, 0, 0, 1, 0]
+    assert second["Balance2"] == 0 and second["Counter"] != first["Counter"]

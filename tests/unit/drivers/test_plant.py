@@ -146,3 +146,14 @@ def test_cells_scatter_around_nominal_reproducibly():
     assert np.std(a.capacity_ah / CELL.capacity_ah) == pytest.approx(0.05, rel=0.3)
     assert np.std(a.soc) == pytest.approx(0.02, rel=0.3)
     assert np.std(a.r0_ohm / CELL.r0_ohm) == pytest.approx(0.1, rel=0.3)
+
+
+def test_a_bleeding_cell_loses_charge_through_its_resistor():
+    p = plant()
+    p.bleeding[1] = True
+    for _ in range(3600):
+        p.step(1.0, 0.0, ALL_OPEN)
+    bled_ah = 0.5 * CELL.capacity_ah - p.soc[1] * CELL.capacity_ah
+    # about OCV / 33 ohm for an hour: 3.74 V / 33 ohm = 0.113 A
+    assert bled_ah == pytest.approx(float(CELL.ocv_at(0.5)) / IDEAL.bleed_resistance_ohm, rel=0.02)
+    assert p.soc[[0, 2, 3]] == pytest.approx(0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import can
+import numpy as np
 import pytest
 
 from bms.backends import InjectionError
@@ -163,3 +164,21 @@ def test_a_short_during_precharge_keeps_the_link_down(setup):
         sim.plant.step(0.1, 0.0, RelayStates(True, True, False))
     assert sim.plant.link_voltage_v < 1.0
     assert sim.plant.current_a < -1.0  # the pack feeds the short through the resistor
+
+
+def test_the_front_end_bleeds_commanded_cells_until_the_commands_stop(setup):
+    sim, bms_side, codec = setup
+    message = codec.message("BMS_BalancingCommand")
+    values = {signal.name: 0 for signal in message.signals}
+    values.update({"Balance3": 1, "Counter": 1})
+    bms_side.send(
+        can.Message(
+            arbitration_id=message.frame_id,
+            data=codec.encode(message, values),
+            is_extended_id=False,
+        )
+    )
+    sim.tick(1.0, 0.1)
+    assert np.flatnonzero(sim.plant.bleeding).tolist() == [2]
+    sim.tick(1.0 + sim.options.balancing_timeout_s + 0.05, 0.1)
+    assert not sim.plant.bleeding.any()

@@ -1,0 +1,86 @@
+"""Passive balancing decisions: charge to remove, hysteresis, duty, when it may run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from bms.protection.balancing import Balancer, BalancingConfig, charge_to_remove_ah
+
+CONFIG = BalancingConfig(max_duty=1.0)  # duty tested on its own
+V = np.full(4, 3.9)
+T = np.full(2, 25.0)
+
+
+def test_charge_to_remove_equalises_at_the_target():
+    soc = np.array([0.80, 0.82, 0.79, 0.80])
+    assert charge_to_remove_ah(soc, 5.0, "top") == pytest.approx([0.05, 0.15, 0.0, 0.05])
+    assert charge_to_remove_ah(soc, 5.0, "bottom") == pytest.approx([0.05, 0.15, 0.0, 0.05])
+    capacity_ah = np.array([5.0, 5.0, 4.0, 5.0])  # a weaker cell: the targets now differ
+    top = charge_to_remove_ah(soc, capacity_ah, "top")
+    bottom = charge_to_remove_ah(soc, capacity_ah, "bottom")
+    assert top[2] == pytest.approx(0.16) and bottom[2] == 0.0  # 0.84 Ah to full, least charge
+
+
+def test_cells_start_above_start_delta_and_stop_below_stop_delta():
+    balancer = Balancer(CONFIG, 4, capacity_ah=5.0)
+    soc = np.array([0.800, 0.8030, 0.8015, 0.800])  # 15 mAh and 7.5 mAh above the lowest
+    assert balancer.update(0.0, soc, V, True).tolist() == [False, True, False, False]
+    soc = np.array([0.800, 0.8015, 0.8015, 0.800])  # cell 2 down to 7.5 mAh: keeps bleeding
+    assert balancer.update(1.0, soc, V, True).tolist() == [False, True, False, False]
+    soc = np.array([0.800, 0.8009, 0.8015, 0.800])  # 4.5 mAh: below stop, off
+    assert balancer.update(2.0, soc, V, True).tolist() == [False, False, False, False]
+
+
+def test_without_a_soc_estimate_the_voltages_decide():
+    balancer = Balancer(CONFIG, 4, capacity_ah=5.0)
+    soc = np.array([0.8, math.nan, 0.8, 0.8])
+    cells_v = np.array([3.900, 3.915, 3.905, 3.900])
+    assert balancer.update(0.0, soc, cells_v, True).tolist() == [False, True, False, False]
+
+
+def test_the_duty_cycle_bounds_the_heat():
+    config = BalancingConfig(max_duty=0.3, duty_period_s=10.0)
+    balancer = Balancer(config, 2, capacity_ah=5.0)
+    soc = np.array([0.8, 0.81])
+    on = [bool(balancer.update(t, soc, V[:2], True)[1]) for t in np.arange(0.0, 20.0, 1.0)]
+    assert on == [True] * 3 + [False] * 7 + [True] * 3 + [False] * 7
+
+
+@pytest.mark.parametrize(
+    ("cells_v", "temps_c", "current_a", "forbid", "expected"),
+    [
+        (V, T, 0.0, False, True),  # at rest
+        (V, T, 5.0, False, True),  # charging
+        (V, T, -5.0, False, False),  # discharging
+        (V, T, math.nan, False, False),
+        (np.array([3.9, 3.5, 3.9, 3.9]), T, 0.0, False, False),  # a cell too low
+        (V, np.array([25.0, 46.0]), 0.0, False, False),  # too hot
+        (V, np.array([25.0, math.nan]), 0.0, False, False),
+        (V, T, 0.0, True, False),  # a fault forbids it
+    ],
+)
+def test_when_balancing_is_allowed(cells_v, temps_c, current_a, forbid, expected):
+    balancer = Balancer(CONFIG, 4, capacity_ah=5.0)
+    assert balancer.allowed(cells_v, temps_c, current_a, 0.5, forbid) is expected
+
+
+def test_not_allowed_stops_every_cell_and_forgets_the_selection():
+    balancer = Balancer(CONFIG, 2, capacity_ah=5.0)
+    soc = np.array([0.8, 0.81])
+    assert balancer.update(0.0, soc, V[:2], True).any()
+    assert not balancer.update(1.0, soc, V[:2], False).any()
+    assert not balancer.selected.any()
+
+
+def test_disabled_balancing_is_never_allowed():
+    balancer = Balancer(BalancingConfig(enabled=False), 4, capacity_ah=5.0)
+    assert balancer.allowed(V, T, 0.0, 0.5, False) is False
+
+
+def test_hysteresis_must_be_ordered():
+    with pytest.raises(ValidationError, match="stop_delta_ah must be below start_delta_ah"):
+        BalancingConfig(start_delta_ah=0.01, stop_delta_ah=0.02)
