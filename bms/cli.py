@@ -96,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after an option (`faults clear --config F ID`);
+    # subcommands rule out parse_intermixed_args, so the fault ids are collected here.
+    if extra and args.command == "faults" and not any(a.startswith("-") for a in extra):
+        args.fault_ids += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _log_through_a_queue(args.log_level)
     path = args.file if args.command == "check-config" else args.config
     try:
@@ -138,9 +145,13 @@ def _faults(config, action: str, fault_ids: list[str]) -> int:
         except LatchStoreBusy as exc:
             print(f"{exc}: stop it first (systemctl stop pybms)", file=sys.stderr)
             return app.EXIT_SETUP_FAILED
+        except KeyError as exc:
+            print(f"{exc.args[0]}; nothing was cleared", file=sys.stderr)
+            return app.EXIT_USAGE_ERROR
         print(f"cleared: {', '.join(cleared) or 'nothing was latched'}")
         return 0
     latched = store.load()
+    print(f"{store.path}:")
     if not latched:
         print("no latched faults")
     for record in latched.values():

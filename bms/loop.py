@@ -33,7 +33,7 @@ from bms.protection.plausibility import (
     graded_conditions,
     measurement_conditions,
 )
-from bms.store.latches import LatchRecord, LatchStore, LatchWriter, utc_now_iso
+from bms.store.latches import LatchRecord, LatchStore, utc_now_iso
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, PackStatus
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,20 @@ class ControlCycle:
         n_cells = config.pack.n_cells
         protection = config.protection
         self.estimator = CoulombCounter(
-            cell, n_cells, config.soc.rest_current_a, config.soc.rest_time_s
+            cell,
+            n_cells,
+            config.soc.rest_current_a,
+            config.soc.rest_time_s,
+            config.pack.n_parallel,
         )
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
+        self.latch_store = latch_store
         self.latch_records: dict[str, LatchRecord] = {}
-        self.latch_writer: LatchWriter | None = None
+        self._latches_unsaved = False
+        self._latch_write_failed = False
+        self._latch_tried_s = -math.inf
         if latch_store is not None:
-            self.latch_records = latch_store.load()
-            self.latch_writer = LatchWriter(latch_store)
+            self.latch_records = latch_store.open_for_run()
             if self.latch_records:
                 log.warning(
                     "latched before this start, contactors stay open until cleared "
@@ -171,7 +177,9 @@ class ControlCycle:
         self.balancer: Balancer | None = None
         if config.balancing.enabled:
             if frontend.supports_balancing:
-                self.balancer = Balancer(config.balancing, n_cells, cell.capacity_ah)
+                self.balancer = Balancer(
+                    config.balancing, n_cells, cell.capacity_ah * config.pack.n_parallel
+                )
             else:
                 log.warning(
                     "[balancing] is enabled but the %s front-end cannot balance",
@@ -198,7 +206,11 @@ class ControlCycle:
         failing read or estimate becomes a fault; a failure of protection itself opens the
         contactors for good (``internal_error``, until restart).
         """
-        conditions: dict[str, bool | None] = {"loop_lag": lagging, "loop_stalled": stalled}
+        conditions: dict[str, bool | None] = {
+            "loop_lag": lagging,
+            "loop_stalled": stalled,
+            "latch_store_write_failed": self._latch_write_failed,
+        }
 
         # 1. read (the two sources separately: a dead front-end must not hide a weld)
         try:
@@ -219,8 +231,13 @@ class ControlCycle:
         try:
             # 2. validate
             stuck = self.stuck.update(m.cell_voltage_v, m.current_a, dt_s)
+            # Valid feedback without the interlock bit, where the pack has a loop, counts as
+            # open: a box that cannot report it must not pass for a closed loop.
+            interlock_closed = feedback.interlock_closed
+            if feedback.valid and interlock_closed is None:
+                interlock_closed = False
             conditions.update(
-                measurement_conditions(m, self.config.protection, stuck, feedback.interlock_closed)
+                measurement_conditions(m, self.config.protection, stuck, interlock_closed)
             )
             conditions.update(
                 graded_conditions(
@@ -256,8 +273,7 @@ class ControlCycle:
                 self._last_state = state
             for fault_id in verdict.newly_latched:
                 log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
-            if verdict.newly_latched:
-                self._persist_latches(verdict.newly_latched)
+            self._record_latches(verdict.newly_latched)
         except Exception:
             if not self.protection_failed:
                 log.critical("fault latched: internal_error (protection itself failed)")
@@ -265,7 +281,9 @@ class ControlCycle:
             self.protection_failed = True
         if self.protection_failed:
             state, command = ContactorState.FAULT, ALL_OPEN
-            active = latched = ("internal_error",)
+            active = ("internal_error",)
+            self._record_latches(("internal_error",))
+            latched = tuple(self.latch_records)
 
         # Derating and balancing: only while no active fault forbids a close (nor a latch).
         forbidden = bool(latched) or any(FAULTS[f].action >= Action.NO_CLOSE for f in active)
@@ -313,6 +331,10 @@ class ControlCycle:
                 self.frontend.balance(balancing)
             except Exception:
                 self.errors.report("balancing command")  # the front-end stops on its own
+        # Persist new latches now, after the contactors were commanded open: a latch is on
+        # disk before the next cycle (a failed write is retried every second, and forbids a
+        # close meanwhile).
+        self._save_latches(t_s)
         # 6. publish
         if self.publisher is not None:
             try:
@@ -321,18 +343,36 @@ class ControlCycle:
                 self.errors.report("publish")
         return status
 
-    def _persist_latches(self, fault_ids: tuple[str, ...]) -> None:
+    def _record_latches(self, fault_ids: tuple[str, ...]) -> None:
         for fault_id in fault_ids:
-            self.latch_records[fault_id] = LatchRecord(
-                fault_id, utc_now_iso(), FAULTS[fault_id].description
-            )
-        if self.latch_writer is not None:
-            self.latch_writer.submit(self.latch_records)
+            if fault_id not in self.latch_records:
+                spec = FAULTS.get(fault_id)
+                self.latch_records[fault_id] = LatchRecord(
+                    fault_id=fault_id,
+                    latched_at_utc=utc_now_iso(),
+                    description=spec.description if spec else fault_id,
+                )
+                self._latches_unsaved = True
+                self._latch_tried_s = -math.inf  # write at once
+
+    def _save_latches(self, t_s: float) -> None:
+        if not self._latches_unsaved or self.latch_store is None:
+            return
+        if t_s - self._latch_tried_s < 1.0:
+            return
+        self._latch_tried_s = t_s
+        try:
+            self.latch_store.save(self.latch_records)
+        except Exception:
+            self.errors.report("writing the latched faults")
+            self._latch_write_failed = True
+            return
+        self._latches_unsaved = False
+        self._latch_write_failed = False
 
     def close(self) -> None:
-        """Finish writing the latched faults."""
-        if self.latch_writer is not None:
-            self.latch_writer.close()
+        """A last attempt to write latches that could not be written yet."""
+        self._save_latches(math.inf)
 
     def wait_for_first_sample(self, clock: Callable[[], float], timeout_s: float) -> bool:
         """Before the first cycle: wait until every front-end group and the contactor

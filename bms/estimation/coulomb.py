@@ -17,8 +17,18 @@ SECONDS_PER_HOUR = 3600.0
 class CoulombCounter:
     """Per-cell SOC (fractions in [0, 1], shape (n_cells,)); NaN until a valid voltage is seen."""
 
-    def __init__(self, cell: CellParams, n_cells: int, rest_current_a: float, rest_time_s: float):
+    def __init__(
+        self,
+        cell: CellParams,
+        n_cells: int,
+        rest_current_a: float,
+        rest_time_s: float,
+        n_parallel: int = 1,
+    ):
+        """``n_cells`` series groups of ``n_parallel`` cells: the pack current divides among
+        the cells of a group, so a group's capacity is ``n_parallel`` cells'."""
         self.cell = cell
+        self.group_capacity_ah = cell.capacity_ah * n_parallel
         self.rest_current_a = rest_current_a
         self.rest_time_s = rest_time_s
         self.soc = np.full(n_cells, np.nan)
@@ -34,7 +44,7 @@ class CoulombCounter:
         if np.isnan(current_a):
             self.rest_elapsed_s = 0.0
             return self.soc
-        self.soc += current_a * dt_s / (SECONDS_PER_HOUR * self.cell.capacity_ah)
+        self.soc += current_a * dt_s / (SECONDS_PER_HOUR * self.group_capacity_ah)
         np.clip(self.soc, 0.0, 1.0, out=self.soc)
 
         at_rest = abs(current_a) <= self.rest_current_a

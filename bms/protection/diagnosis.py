@@ -8,8 +8,9 @@ alone. The fault becomes active when the counter reaches the row's debounce coun
 consecutive cycles always suffice) and stays active until the counter is back at zero; a
 condition that comes and goes therefore still trips instead of resetting forever.
 An active ``OPEN_AFTER_DELAY`` fault opens the contactors and latches once it has been active
-for ``open_delay_s``; ``OPEN_NOW`` latches at once. Until restart (persistence comes with the
-service issue) a latched fault stays latched and keeps the contactors open.
+for ``open_delay_s`` and its condition still holds; ``OPEN_NOW`` latches at once. A latched
+fault keeps the contactors open until a person clears it; the loop persists it
+(bms/store/latches.py), so a restart keeps it too.
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         "the high-voltage interlock loop is open (a connector or cover is off)",
     ),
     FaultSpec(
+        "latch_store_write_failed",
+        Action.NO_CLOSE,
+        "the latched faults could not be written to disk (retried every second)",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
         "latch_store_unreadable",
         Action.OPEN_NOW,
         "the file of latched faults could not be read; a person must clear it",
@@ -147,6 +154,11 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
     ),
     FaultSpec(
         "contactor_weld", Action.OPEN_NOW, "a contactor stayed closed after being commanded open"
+    ),
+    FaultSpec(
+        "contactor_open_unconfirmed",
+        Action.OPEN_NOW,
+        "the feedback could not confirm that the contactors opened",
     ),
     FaultSpec(
         "precharge_failed",
@@ -172,8 +184,8 @@ class Verdict:
 class RowSettings(StrictModel):
     """Per-row overrides of the table's defaults (``[diagnosis.rows.FAULT_ID]``)."""
 
-    debounce_cycles: int | None = Field(None, ge=1, le=1000)
-    open_delay_s: float | None = Field(None, ge=0.0, le=600.0)
+    debounce_cycles: int | None = Field(None, ge=1, le=100)
+    open_delay_s: float | None = Field(None, ge=0.0, le=60.0)
     enabled: bool = True
 
 
@@ -188,10 +200,16 @@ class DiagnosisConfig(StrictModel):
     def _rows_exist_and_safety_rows_stay_on(self) -> DiagnosisConfig:
         problems = []
         for fault_id, row in self.rows.items():
-            if fault_id not in FAULTS:
+            spec = FAULTS.get(fault_id)
+            if spec is None:
                 problems.append(f"no fault {fault_id!r}{suggest(fault_id, list(FAULTS))}")
-            elif not row.enabled and FAULTS[fault_id].action >= Action.NO_CLOSE:
+                continue
+            if not row.enabled and spec.action >= Action.NO_CLOSE:
                 problems.append(f"{fault_id} keeps the contactors open and cannot be disabled")
+            if row.debounce_cycles is not None and spec.debounce_cycles is not None:
+                problems.append(f"{fault_id} acts on its first cycle; its debounce is fixed")
+            if row.open_delay_s is not None and spec.action is not Action.OPEN_AFTER_DELAY:
+                problems.append(f"{fault_id} has no open delay to set")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -247,9 +265,14 @@ class Diagnosis:
                 continue
             # The open delay counts from the cycle the fault became active.
             self._active_s[fault_id] = self._active_s[fault_id] + dt_s if was_active else 0.0
-            opens = spec.action is Action.OPEN_NOW or (
-                spec.action is Action.OPEN_AFTER_DELAY
-                and self._active_s[fault_id] >= self._delay_s[fault_id]
+            # It latches only while the condition still holds: a fault whose count is draining
+            # after the cause went away does not latch when its delay runs out.
+            opens = present is not False and (
+                spec.action is Action.OPEN_NOW
+                or (
+                    spec.action is Action.OPEN_AFTER_DELAY
+                    and self._active_s[fault_id] >= self._delay_s[fault_id]
+                )
             )
             if opens and fault_id not in self._latched:
                 self._latched[fault_id] = None

@@ -1,14 +1,17 @@
 """Latched faults that survive a restart: a small JSON file written atomically.
 
 A fault that opened the contactors stays latched across restarts and power cuts (DESIGN.md:
-"A restart never closes contactors by itself into a latched fault"). The file is replaced
-atomically (write a temporary file, fsync, rename, fsync the directory), so a power cut leaves
-either the old or the new set, never a torn one. A file that cannot be read is moved aside
-and read as one latched fault, ``latch_store_unreadable``: when in doubt, the contactors stay
-open until a person clears it. The SQLite store of the service work replaces this file.
+"A restart never closes contactors by itself into a latched fault"). The loop writes the file
+synchronously in the cycle that latches, right after commanding the contactors open, so a
+latch is on disk before the next cycle; the file is replaced atomically (temporary file, fsync,
+rename, directory fsync), so a power cut leaves the old or the new set, never a torn one.
 
+Reading never changes anything. A file that cannot be read (torn, hand-edited, wrong types)
+reads as one latched fault, ``latch_store_unreadable``; a starting BMS copies it aside and
+writes that latch back, so it also survives the next restart until a person clears it.
 While a BMS runs it holds an exclusive lock on ``<file>.lock``, so ``bms faults clear`` can
-refuse to edit the file under a running loop.
+refuse to edit the file under a running loop. The SQLite store of the service work replaces
+this file.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import getpass
 import json
 import logging
 import os
-import queue
-import threading
-from dataclasses import asdict, dataclass
+import shutil
+import tempfile
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +39,30 @@ class LatchStoreBusy(Exception):
     """Another process (a running BMS) holds the latch file."""
 
 
-@dataclass(frozen=True, slots=True)
-class LatchRecord:
+class LatchRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     fault_id: str
     latched_at_utc: str
     description: str
+
+
+class _ClearRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    fault_id: str
+    cleared_at_utc: str
+    cleared_by: str
+
+
+class _LatchFile(BaseModel):
+    """The file's schema: anything else in it makes the file unreadable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: int
+    latched: list[LatchRecord]
+    cleared: list[_ClearRecord]
 
 
 def utc_now_iso() -> str:
@@ -54,47 +77,81 @@ class LatchStore:
         self.path = Path(path)
         self._lock_file = None
 
-    def load(self) -> dict[str, LatchRecord]:
-        """The latched faults; an unreadable file is moved aside and reads as one fault."""
+    def _read(self) -> _LatchFile | None:
+        """The parsed file, None if there is none; raises ValueError if it is unusable."""
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-            if raw.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unknown format version {raw.get('version')!r}")
-            records = [LatchRecord(**entry) for entry in raw["latched"]]
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ValueError(str(exc)) from None
+        try:
+            document = _LatchFile.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]["msg"]
+            raise ValueError(f"{exc.error_count()} problem(s), first: {first}") from None
+        if document.version != FORMAT_VERSION:
+            raise ValueError(f"unknown format version {document.version}")
+        return document
+
+    def load(self) -> dict[str, LatchRecord]:
+        """The latched faults, by id; an unusable file reads as ``latch_store_unreadable``.
+        Changes nothing on disk."""
+        try:
+            document = self._read()
+        except ValueError as exc:
+            return {
+                UNREADABLE: LatchRecord(
+                    fault_id=UNREADABLE,
+                    latched_at_utc=utc_now_iso(),
+                    description=f"{self.path} could not be read: {exc}",
+                )
+            }
+        if document is None:
             return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.unreadable-{utc_now_iso()}")
-            with contextlib.suppress(OSError):
-                self.path.rename(aside)
+        return {record.fault_id: record for record in document.latched}
+
+    def open_for_run(self) -> dict[str, LatchRecord]:
+        """At a BMS start, under the lock: load, and if the file is unusable, copy it aside
+        and write the unreadable latch in its place so it survives the next restart too."""
+        latched = self.load()
+        if UNREADABLE in latched and self.path.exists():
+            aside = Path(
+                tempfile.mkstemp(prefix=f"{self.path.name}.unreadable-", dir=self.path.parent)[1]
+            )
+            shutil.copyfile(self.path, aside)
             log.error(
-                "latch file %s cannot be read (%s); moved to %s, contactors stay open "
-                "until `bms faults clear`",
-                self.path,
-                exc,
+                "%s; kept a copy as %s; contactors stay open until `bms faults clear`",
+                latched[UNREADABLE].description,
                 aside,
             )
-            record = LatchRecord(UNREADABLE, utc_now_iso(), f"{self.path} could not be read: {exc}")
-            return {UNREADABLE: record}
-        return {record.fault_id: record for record in records}
+            self.save(latched)
+        return latched
 
     def save(self, latched: dict[str, LatchRecord], cleared: list[dict] | None = None) -> None:
-        """Replace the file atomically with ``latched`` (and append ``cleared`` history)."""
-        history = []
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            history = json.loads(self.path.read_text(encoding="utf-8"))["cleared"]
+        """Replace the file atomically with ``latched`` (and the clearing history)."""
+        history: list[dict] = []
+        with contextlib.suppress(ValueError):
+            previous = self._read()
+            if previous is not None:
+                history = [record.model_dump() for record in previous.cleared]
         document = {
             "version": FORMAT_VERSION,
-            "latched": [asdict(record) for record in latched.values()],
+            "latched": [record.model_dump() for record in latched.values()],
             "cleared": history + (cleared or []),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        descriptor, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                json.dump(document, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         directory = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -104,17 +161,20 @@ class LatchStore:
     def clear(self, fault_ids: list[str] | None = None) -> list[str]:
         """Clear the given latched faults (all when None); return the ids cleared.
 
-        Refuses (LatchStoreBusy) while a BMS holds the lock: the loop owns the file then.
+        Refuses (LatchStoreBusy) while a BMS holds the lock: the loop owns the file then;
+        refuses (KeyError) an id that is not latched, so a typo never passes for a clear.
         """
         with self.locked():
             latched = self.load()
-            ids = list(latched) if fault_ids is None else [f for f in fault_ids if f in latched]
+            unknown = [f for f in fault_ids or () if f not in latched]
+            if unknown:
+                raise KeyError(f"not latched: {', '.join(unknown)}")
+            ids = list(latched) if fault_ids is None else list(fault_ids)
             user = getpass.getuser()
             cleared = [
                 {"fault_id": f, "cleared_at_utc": utc_now_iso(), "cleared_by": user} for f in ids
             ]
-            remaining = {f: r for f, r in latched.items() if f not in ids}
-            self.save(remaining, cleared)
+            self.save({f: r for f, r in latched.items() if f not in ids}, cleared)
             return ids
 
     @contextlib.contextmanager
@@ -140,37 +200,3 @@ class LatchStore:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-
-
-class LatchWriter:
-    """Persists the latched set from a thread of its own: the loop hands over the newest set
-    and never waits for the disk. Only the newest pending set is written."""
-
-    def __init__(self, store: LatchStore):
-        self.store = store
-        self.failures = 0
-        self._pending: queue.Queue[dict[str, LatchRecord] | None] = queue.Queue(maxsize=1)
-        self._thread = threading.Thread(target=self._run, name="latch-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, latched: dict[str, LatchRecord]) -> None:
-        while True:
-            try:
-                self._pending.put_nowait(dict(latched))
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._pending.get_nowait()  # drop the older set; the newer one wins
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is pending, then stop."""
-        self._pending.put(None, timeout=timeout_s)
-        self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        while (latched := self._pending.get()) is not None:
-            try:
-                self.store.save(latched)
-            except OSError as exc:
-                self.failures += 1
-                log.error("could not persist latched faults to %s: %s", self.store.path, exc)

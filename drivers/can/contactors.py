@@ -49,7 +49,10 @@ class CanContactors(CanBackend, ContactorDriver):
         self.link = CanLink.acquire(config)
         with self.link.released_on_error() as link:
             self.command_message = link.codec.message(options.command_message, RELAY_SIGNALS)
-            self._feedback_message = link.codec.message(options.feedback_message, RELAY_SIGNALS)
+            feedback_signals = list(RELAY_SIGNALS)
+            if config.protection.interlock:  # the pack has a loop: the DBC must carry it
+                feedback_signals.append("InterlockClosed")
+            self._feedback_message = link.codec.message(options.feedback_message, feedback_signals)
         self.link.subscribe(self._feedback_message.frame_id, self._on_feedback)
         self._relays: RelayStates | None = None
         self._interlock_closed: bool | None = None

@@ -72,8 +72,12 @@ class CanPublisher(CanBackend, Publisher):
         self.link.send(
             self.limits,
             {
-                "ChargeLimit": status.charge_limit_a,
-                "DischargeLimit": status.discharge_limit_a,
+                "ChargeLimit": _floor_to_resolution(
+                    status.charge_limit_a, self.limits, "ChargeLimit"
+                ),
+                "DischargeLimit": _floor_to_resolution(
+                    status.discharge_limit_a, self.limits, "DischargeLimit"
+                ),
                 "PackCurrent": status.measurement.current_a,
             },
         )
@@ -91,3 +95,9 @@ class CanPublisher(CanBackend, Publisher):
 def _rounded(temp_c: float) -> float:
     """Whole degrees for the 1 degC signal; NaN stays NaN (sent as "not available")."""
     return temp_c if math.isnan(temp_c) else float(round(temp_c))
+
+
+def _floor_to_resolution(limit_a: float, message, signal_name: str) -> float:
+    """A current limit rounded down to the signal's resolution: never above what was allowed."""
+    scale = message.get_signal_by_name(signal_name).scale
+    return math.floor(limit_a / scale + 1e-9) * scale

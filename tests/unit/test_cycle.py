@@ -163,3 +163,83 @@ def test_an_open_interlock_loop_opens(cycle):
     status = run(cycle, 12, t0_s=1.0)
     assert "interlock_open" in status.latched_faults
     assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_every_fault_the_state_machine_reports_is_a_table_row():
+    import inspect
+    import re
+
+    from bms.protection import contactors
+    from bms.protection.diagnosis import FAULTS
+
+    source = inspect.getsource(contactors)
+    reported = set(re.findall(r'"(contactor_\w+|precharge_\w+)"', source))
+    assert reported and reported <= set(FAULTS)
+
+
+def make_store_cycle(make_config, tmp_path):
+    from bms.config import load_config
+    from bms.estimation.cell_params import load_cell_params
+    from bms.store.latches import LatchStore
+
+    config = load_config(make_config({"pack": {"n_cells": 4, "n_temp_sensors": 2}}))
+    store = LatchStore(tmp_path / "latched.json")
+    frontend = FakeFrontEnd(4)
+    return (
+        ControlCycle(
+            config,
+            load_cell_params(config.pack.cell_params),
+            frontend,
+            FakeBox(frontend.calls),
+            FakePublisher(frontend.calls),
+            store,
+        ),
+        store,
+    )
+
+
+def test_a_latch_is_on_disk_at_the_end_of_the_cycle_that_latched_it(make_config, tmp_path):
+    cycle, store = make_store_cycle(make_config, tmp_path)
+    run(cycle, 10)
+    cycle.frontend.current_a = -150.0  # short circuit: latches at once
+    latched_in = None
+    for n in range(10):
+        status = cycle.run(1.0 + n * PERIOD_S, PERIOD_S, lagging=False)
+        if status.latched_faults and latched_in is None:
+            latched_in = n
+            assert "short_circuit" in store.load()
+    assert latched_in is not None
+
+
+def test_a_failure_of_protection_itself_is_persisted(make_config, tmp_path, monkeypatch):
+    cycle, store = make_store_cycle(make_config, tmp_path)
+    run(cycle, 10)
+    monkeypatch.setattr(cycle.diagnosis, "update", lambda *a: 1 / 0)
+    run(cycle, 1, t0_s=1.0)
+    assert list(store.load()) == ["internal_error"]
+
+
+def test_a_latch_that_cannot_be_written_forbids_closing_and_is_retried(
+    make_config, tmp_path, monkeypatch
+):
+    cycle, store = make_store_cycle(make_config, tmp_path)
+    run(cycle, 10)
+    real_save = store.save
+
+    def failing_save(*args):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(store, "save", failing_save)
+    cycle.frontend.current_a = -150.0
+    status = run(cycle, 5, t0_s=1.0)
+    assert "latch_store_write_failed" in status.active_faults
+    monkeypatch.setattr(store, "save", real_save)
+    run(cycle, 12, t0_s=1.5)  # retried within a second
+    assert "short_circuit" in store.load()
+
+
+def test_valid_feedback_without_the_interlock_bit_counts_as_open(cycle):
+    run(cycle, 10)
+    cycle.contactors.interlock_closed = None
+    status = run(cycle, 12, t0_s=1.0)
+    assert "interlock_open" in status.latched_faults

@@ -80,3 +80,10 @@ def test_nan_current_holds_soc_and_resets_rest():
     soc = estimator.step(math.nan, CELL.ocv_at(np.array([0.9])), 5.0)
     assert soc[0] == pytest.approx(0.5)
     assert estimator.rest_elapsed_s == 0.0
+
+
+def test_parallel_cells_share_the_pack_current():
+    estimator = CoulombCounter(CELL, 1, rest_current_a=0.5, rest_time_s=10.0, n_parallel=2)
+    estimator.step(0.0, CELL.ocv_at(np.array([0.5])), 0.1)
+    soc = estimator.step(-10.0, np.array([3.5]), 360.0)  # 1 Ah out of two 5 Ah cells
+    assert soc[0] == pytest.approx(0.5 - 0.1, abs=1e-9)

@@ -187,7 +187,7 @@ def test_publisher_frames_decode_back_to_the_status(config, peer, codec):
             active_faults=("overtemperature",),
             latched_faults=(),
             charge_limit_a=15.0,
-            discharge_limit_a=30.0,
+            discharge_limit_a=29.99,  # the 0.1 A signal must round this down, not up
         )
         publisher.publish(status)
         frames = {}
@@ -201,7 +201,8 @@ def test_publisher_frames_decode_back_to_the_status(config, peer, codec):
         assert decoded["BMS_Status"]["ActiveFaultCount"] == 1
         assert decoded["BMS_Status"]["SocMean"] == pytest.approx(0.7)
         assert decoded["BMS_Status"]["TempMax"] == 30
-        assert decoded["BMS_Limits"]["DischargeLimit"] == pytest.approx(30.0)
+        assert decoded["BMS_Limits"]["DischargeLimit"] == pytest.approx(29.9)
+        assert decoded["BMS_Limits"]["ChargeLimit"] == pytest.approx(15.0)
         assert decoded["BMS_Limits"]["PackCurrent"] == pytest.approx(-7.25)
         assert decoded["BMS_CellStats"]["CellVoltageMin"] == pytest.approx(3.5)
         assert decoded["BMS_CellStats"]["CellVoltageMinCell"] == 2

@@ -133,3 +133,26 @@ def test_unknown_condition_is_a_programming_error():
 
 def test_faults_mapping_matches_table():
     assert list(FAULTS) == [spec.fault_id for spec in FAULT_TABLE]
+
+
+def test_a_safety_limit_whose_cause_is_gone_does_not_latch_when_its_delay_ends():
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=0.5))
+    run(diagnosis, {"cell_voltage_high_msl": True}, 3)  # active, delay starts
+    verdicts = [diagnosis.update({"cell_voltage_high_msl": False}, PERIOD_S) for _ in range(8)]
+    assert all(v.latched == () for v in verdicts)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ({"short_circuit": {"open_delay_s": 5.0}}, "short_circuit has no open delay to set"),
+        ({"loop_stalled": {"debounce_cycles": 50}}, "its debounce is fixed"),
+        ({"cell_voltage_high_msl": {"open_delay_s": 600.0}}, "less than or equal to 60"),
+        ({"short_circuit": {"debounce_cycles": 1000}}, "less than or equal to 100"),
+    ],
+)
+def test_row_settings_cannot_switch_safety_off(rows, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        DiagnosisConfig(rows=rows)
