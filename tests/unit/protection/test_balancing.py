@@ -84,3 +84,30 @@ def test_disabled_balancing_is_never_allowed():
 def test_hysteresis_must_be_ordered():
     with pytest.raises(ValidationError, match="stop_delta_ah must be below start_delta_ah"):
         BalancingConfig(start_delta_ah=0.01, stop_delta_ah=0.02)
+
+
+def test_limits_are_strict_at_their_exact_values():
+    balancer = Balancer(CONFIG, 4, capacity_ah=5.0)
+    at_min_v = np.array([3.9, 3.6, 3.9, 3.9])  # exactly min_cell_voltage_v: not above it
+    assert balancer.allowed(at_min_v, T, 0.0, 0.5, False) is False
+    assert balancer.allowed(V, np.array([25.0, 45.0]), 0.0, 0.5, False) is False
+    assert balancer.allowed(V, T, -0.5, 0.5, False) is False  # exactly -rest_current_a
+
+
+def test_start_and_stop_thresholds_are_strict():
+    config = BalancingConfig(max_duty=1.0, start_delta_ah=0.25, stop_delta_ah=0.125)
+    balancer = Balancer(config, 2, capacity_ah=1.0)
+    v = np.full(2, 3.9)
+    assert not balancer.update(0.0, np.array([0.5, 0.75]), v, True).any()  # exactly start
+    assert balancer.update(1.0, np.array([0.5, 0.875]), v, True)[1]
+    assert balancer.update(2.0, np.array([0.5, 0.625]), v, True)[1]  # exactly stop: keeps on
+
+
+def test_voltage_fallback_thresholds():
+    config = BalancingConfig(max_duty=1.0, voltage_start_delta_v=0.25)
+    balancer = Balancer(config, 2, capacity_ah=5.0)
+    soc = np.array([math.nan, math.nan])
+    assert not balancer.update(0.0, soc, np.array([3.0, 3.25]), True).any()  # exactly start
+    assert balancer.update(1.0, soc, np.array([3.0, 3.5]), True)[1]
+    assert balancer.update(2.0, soc, np.array([3.0, 3.125]), True)[1]  # exactly half: on
+    assert not balancer.update(3.0, soc, np.array([3.0, 3.1]), True).any()  # below half: off
