@@ -58,12 +58,12 @@ def _taper_soc(soc: float, start: float, end: float) -> float:
     return float(np.clip((end - soc) / (end - start), 0.0, 1.0))
 
 
-def _max(values: np.ndarray) -> float:
-    """The maximum; NaN if any value is NaN (a missing cell may be the extreme one)."""
+def _highest(values: np.ndarray) -> float:
+    """NumPy's max is NaN when any value is: a missing cell may be the extreme one."""
     return float(np.max(values))
 
 
-def _min(values: np.ndarray) -> float:
+def _lowest(values: np.ndarray) -> float:
     return float(np.min(values))
 
 
@@ -76,10 +76,10 @@ def charge_factors(
 ) -> dict[str, float]:
     """Every factor that limits charging, by name (for the record and the tests)."""
     return {
-        "temp_high": taper_upper(_max(cell_temp_c), limits.temp_high_charge_c),
-        "temp_low": taper_lower(_min(cell_temp_c), limits.temp_low_charge_c),
-        "cell_voltage": taper_upper(_max(cell_voltage_v), limits.cell_voltage_high_v),
-        "soc": _taper_soc(_max(soc), config.soc_charge_taper_start, 1.0),
+        "temp_high": taper_upper(_highest(cell_temp_c), limits.temp_high_charge_c),
+        "temp_low": taper_lower(_lowest(cell_temp_c), limits.temp_low_charge_c),
+        "cell_voltage": taper_upper(_highest(cell_voltage_v), limits.cell_voltage_high_v),
+        "soc": _taper_soc(_highest(soc), config.soc_charge_taper_start, 1.0),
     }
 
 
@@ -92,10 +92,10 @@ def discharge_factors(
 ) -> dict[str, float]:
     """Every factor that limits discharging, by name."""
     return {
-        "temp_high": taper_upper(_max(cell_temp_c), limits.temp_high_discharge_c),
-        "temp_low": taper_lower(_min(cell_temp_c), limits.temp_low_discharge_c),
-        "cell_voltage": taper_lower(_min(cell_voltage_v), limits.cell_voltage_low_v),
-        "soc": _taper_soc(_min(soc), config.soc_discharge_taper_start, 0.0),
+        "temp_high": taper_upper(_highest(cell_temp_c), limits.temp_high_discharge_c),
+        "temp_low": taper_lower(_lowest(cell_temp_c), limits.temp_low_discharge_c),
+        "cell_voltage": taper_lower(_lowest(cell_voltage_v), limits.cell_voltage_low_v),
+        "soc": _taper_soc(_lowest(soc), config.soc_discharge_taper_start, 0.0),
     }
 
 
