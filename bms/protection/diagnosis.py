@@ -122,8 +122,9 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
     ),
     FaultSpec(
         "insulation_invalid",
-        Action.NO_CLOSE,
-        "no valid insulation reading (the monitor is still measuring, or silent)",
+        Action.OPEN_AFTER_DELAY,
+        "no valid insulation reading (the monitor is still measuring, or silent); give the "
+        "row an open_delay_s longer than the monitor's measuring time",
     ),
     FaultSpec(
         "interlock_open",

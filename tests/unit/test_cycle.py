@@ -243,3 +243,14 @@ def test_valid_feedback_without_the_interlock_bit_counts_as_open(cycle):
     cycle.contactors.interlock_closed = None
     status = run(cycle, 12, t0_s=1.0)
     assert "interlock_open" in status.latched_faults
+
+
+def test_an_insulation_monitor_that_stays_invalid_opens_after_its_row_delay(cycle):
+    cycle.frontend.current_a = 0.0  # at rest, so the fake's flat voltages are not "stuck"
+    run(cycle, 10)
+    cycle.frontend.insulation_kohm = math.nan
+    status = run(cycle, 90, t0_s=1.0)  # 9 s: still closed, no close would be allowed
+    assert status.contactors is ContactorState.CLOSED and status.latched_faults == ()
+    status = run(cycle, 15, t0_s=10.0)  # past the 10 s delay of config/sim.toml
+    assert "insulation_invalid" in status.latched_faults
+    assert cycle.contactors.relays == ALL_OPEN
