@@ -177,9 +177,13 @@ class Verdict:
 
     active: tuple[str, ...]
     latched: tuple[str, ...]
-    open_now: bool
     no_close: bool
     newly_latched: tuple[str, ...]
+
+    @property
+    def open_now(self) -> bool:
+        """Any latched fault holds the contactors open."""
+        return bool(self.latched)
 
 
 class RowSettings(StrictModel):
@@ -286,7 +290,6 @@ class Diagnosis:
         return Verdict(
             active=tuple(f for f in FAULTS if self._active[f]),
             latched=tuple(self._latched),
-            open_now=bool(self._latched),
             no_close=no_close,
             newly_latched=tuple(newly_latched),
         )

@@ -118,33 +118,26 @@ class GradedQuantity:
 
     field: str  # name in LimitSet, with its unit
     fault_prefix: str  # fault ids are f"{fault_prefix}_{grade}"
-    upper: bool
     label: str
 
 
 GRADED_QUANTITIES: tuple[GradedQuantity, ...] = (
-    GradedQuantity("cell_voltage_high_v", "cell_voltage_high", True, "highest cell voltage"),
-    GradedQuantity("cell_voltage_low_v", "cell_voltage_low", False, "lowest cell voltage"),
-    GradedQuantity(
-        "temp_high_charge_c", "temp_high_charge", True, "highest temperature while charging"
-    ),
-    GradedQuantity(
-        "temp_low_charge_c", "temp_low_charge", False, "lowest temperature while charging"
-    ),
+    GradedQuantity("cell_voltage_high_v", "cell_voltage_high", "highest cell voltage"),
+    GradedQuantity("cell_voltage_low_v", "cell_voltage_low", "lowest cell voltage"),
+    GradedQuantity("temp_high_charge_c", "temp_high_charge", "highest temperature while charging"),
+    GradedQuantity("temp_low_charge_c", "temp_low_charge", "lowest temperature while charging"),
     GradedQuantity(
         "temp_high_discharge_c",
         "temp_high_discharge",
-        True,
         "highest temperature while discharging or at rest",
     ),
     GradedQuantity(
         "temp_low_discharge_c",
         "temp_low_discharge",
-        False,
         "lowest temperature while discharging or at rest",
     ),
-    GradedQuantity("charge_current_a", "charge_current", True, "charge current per cell"),
-    GradedQuantity("discharge_current_a", "discharge_current", True, "discharge current per cell"),
-    GradedQuantity("temp_spread_c", "temp_spread", True, "temperature spread"),
-    GradedQuantity("cell_voltage_spread_v", "cell_voltage_spread", True, "cell voltage spread"),
+    GradedQuantity("charge_current_a", "charge_current", "charge current per cell"),
+    GradedQuantity("discharge_current_a", "discharge_current", "discharge current per cell"),
+    GradedQuantity("temp_spread_c", "temp_spread", "temperature spread"),
+    GradedQuantity("cell_voltage_spread_v", "cell_voltage_spread", "cell voltage spread"),
 )
