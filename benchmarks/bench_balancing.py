@@ -1,11 +1,11 @@
 """How fast passive balancing closes the spread of the simulated pack, in simulated time.
 
-The plant (drivers/sim/plant.py) and the BMS's own pieces (coulomb-counting SOC with OCV
-re-initialisation after rest, and the balancer) are stepped together at 1 s without CAN or
-real time, so hours of balancing take seconds. The pack rests with its contactors open (the
-load is off), which is when a pack is balanced most often. The estimator sees only the pack
-current, so the charge a cell bleeds shows up in its SOC estimate only when the OCV
-re-initialises it after ``[soc] rest_time_s`` of rest: this is the baseline estimator's cost.
+The plant (drivers/sim/plant.py) and the BMS's own pieces (the ECM + EKF estimator and the
+balancer) are stepped together at 1 s without CAN or real time, so hours of balancing take
+seconds. The pack rests with its contactors open (the load is off), which is when a pack is
+balanced most often. The estimator sees only the pack current, not the bleed current, so the
+charge a cell bleeds reaches its SOC estimate through its voltage (the EKF's update) and the
+OCV re-initialisation after ``[soc] rest_time_s`` of rest.
 
     .venv/bin/python benchmarks/bench_balancing.py [--hours 12] [--spread 0.02]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bms.config import load_config
 from bms.estimation.cell_params import load_cell_params
-from bms.estimation.coulomb import CoulombCounter
+from bms.estimation.estimator import PackEstimator
 from bms.protection.balancing import Balancer
 from bms.types import ALL_OPEN
 from drivers.sim.plant import PackPlant
@@ -41,7 +41,9 @@ def main() -> int:
     n_cells = config.pack.n_cells
     options = config.sim.options.model_copy(update={"initial_soc_spread": args.spread})
     plant = PackPlant(cell, n_cells, config.pack.n_temp_sensors, options)
-    estimator = CoulombCounter(cell, n_cells, config.soc.rest_current_a, config.soc.rest_time_s)
+    estimator = PackEstimator(
+        cell, n_cells, config.pack.n_temp_sensors, config.soc.rest_current_a, config.soc.rest_time_s
+    )
     balancer = Balancer(config.balancing, n_cells, cell.capacity_ah)
     dt_s = 1.0
     stop_soc = config.balancing.stop_delta_ah / cell.capacity_ah
@@ -60,7 +62,9 @@ def main() -> int:
     for step in range(steps + 1):
         t_s = step * dt_s
         readings = plant.readings()
-        soc = estimator.step(readings.current_a, readings.cell_voltage_v, dt_s)
+        soc = estimator.step(
+            readings.current_a, readings.cell_voltage_v, readings.cell_temp_c, dt_s
+        ).soc
         allowed = balancer.allowed(
             readings.cell_voltage_v,
             readings.cell_temp_c,

@@ -22,6 +22,7 @@ from bms.backends import Backend, FrontEndError, InjectionError
 from bms.comms.dbc import DbcError
 from bms.config import BackendChoice, BmsConfig
 from bms.estimation.cell_params import CellParamsError, load_cell_params
+from bms.estimation.estimator import warm_up
 from bms.loop import ControlCycle, CycleTiming, RateKeeper
 from bms.report import pack_summary, status_record, to_json, to_line
 from bms.store.latches import LatchStore, LatchStoreBusy
@@ -187,6 +188,7 @@ def build_cycle(
     Everything opened is registered on ``resources``, so closing it releases all of it.
     """
     cell = load_cell_params(config.pack.cell_params)
+    warm_up(cell)  # compile or load the kernels now, not in the first cycle
     if simulate:
         if config.sim is None:
             raise ValueError(f"{config.source}: `bms sim` needs a [sim] section")

@@ -101,6 +101,9 @@ class ProtectionConfig(StrictModel):
     )
     insulation_error_kohm: float | None = Field(None, gt=0.0, le=100000.0)
     interlock: bool = Field(False, description="the contactor box reports an HV interlock loop")
+    innovation_limit_sigma: float = Field(
+        6.0, gt=0.0, le=100.0, description="cell_model_mismatch beyond this many sigma"
+    )
 
     @model_validator(mode="after")
     def _insulation_thresholds(self) -> ProtectionConfig:

@@ -23,13 +23,14 @@ import numpy as np
 from bms.backends import ContactorDriver, FrontEnd, Publisher
 from bms.config import BmsConfig
 from bms.estimation.cell_params import CellParams
-from bms.estimation.coulomb import CoulombCounter
+from bms.estimation.estimator import Estimate, PackEstimator
 from bms.protection.balancing import Balancer
 from bms.protection.contactors import ContactorStateMachine
 from bms.protection.derating import CurrentLimiter
 from bms.protection.diagnosis import FAULTS, Action, Diagnosis
 from bms.protection.plausibility import (
     StuckDetector,
+    estimator_conditions,
     graded_conditions,
     measurement_conditions,
 )
@@ -151,13 +152,15 @@ class ControlCycle:
         self.publisher = publisher
         n_cells = config.pack.n_cells
         protection = config.protection
-        self.estimator = CoulombCounter(
+        self.estimator = PackEstimator(
             cell,
             n_cells,
+            config.pack.n_temp_sensors,
             config.soc.rest_current_a,
             config.soc.rest_time_s,
             config.pack.n_parallel,
         )
+        self.estimate: Estimate = self.estimator.unknown()
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
         self.latch_store = latch_store
         self.latch_records: dict[str, LatchRecord] = {}
@@ -227,7 +230,7 @@ class ControlCycle:
             feedback = ContactorFeedback(ALL_OPEN, valid=False)
         conditions["contactor_feedback_invalid"] = not feedback.valid
 
-        soc = self.estimator.soc
+        estimate = self.estimate
         try:
             # 2. validate
             stuck = self.stuck.update(m.cell_voltage_v, m.current_a, dt_s)
@@ -248,7 +251,10 @@ class ControlCycle:
                 )
             )
             # 3. estimate
-            soc = self.estimator.step(m.current_a, m.cell_voltage_v, dt_s)
+            estimate = self.estimate = self.estimator.step(
+                m.current_a, m.cell_voltage_v, m.cell_temp_c, dt_s
+            )
+            conditions.update(estimator_conditions(estimate, self.config.protection))
         except Exception:
             self.errors.report("validate/estimate")
             conditions["internal_error"] = True
@@ -290,7 +296,7 @@ class ControlCycle:
         allowed = state is ContactorState.CLOSED and not forbidden
         try:
             charge_limit_a, discharge_limit_a = self.limiter.update(
-                m.cell_voltage_v, m.cell_temp_c, soc, allowed, dt_s
+                m.cell_voltage_v, m.cell_temp_c, estimate, allowed, dt_s
             )
         except Exception:
             self.errors.report("derating")
@@ -305,14 +311,14 @@ class ControlCycle:
                     self.config.soc.rest_current_a,
                     forbidden,
                 )
-                balancing = self.balancer.update(t_s, soc, m.cell_voltage_v, may_bleed)
+                balancing = self.balancer.update(t_s, estimate.soc, m.cell_voltage_v, may_bleed)
             except Exception:
                 self.errors.report("balancing decision")
                 balancing = np.zeros(self.config.pack.n_cells, dtype=bool)
         status = PackStatus(
             t_s=t_s,
             contactors=state,
-            soc=soc.copy(),
+            estimate=estimate,
             measurement=m,
             active_faults=active,
             latched_faults=latched,

@@ -75,13 +75,41 @@ class ContactorState(enum.Enum):
     FAULT = "fault"
 
 
+POWER_DURATIONS_S = (2.0, 10.0, 30.0)
+"""The pulse lengths state of power is given for."""
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The estimator's picture of every cell: arrays (n_cells,), NaN for a cell with no
+    estimate yet; current limits (n_cells, len(POWER_DURATIONS_S)) in A, positive magnitudes,
+    for the whole parallel group."""
+
+    soc: np.ndarray
+    soc_std: np.ndarray
+    innovation_v: np.ndarray
+    """Measured minus predicted cell voltage; NaN where the cell was not updated."""
+    innovation_std_v: np.ndarray
+    charge_limit_a: np.ndarray
+    discharge_limit_a: np.ndarray
+
+    def pack_limits_a(self, duration_s: float) -> tuple[float, float]:
+        """(charge, discharge) current the weakest cell allows for ``duration_s`` (one of
+        POWER_DURATIONS_S); NaN while any cell has no estimate."""
+        d = POWER_DURATIONS_S.index(duration_s)
+        return (
+            float(np.min(self.charge_limit_a[:, d])),
+            float(np.min(self.discharge_limit_a[:, d])),
+        )
+
+
 @dataclass(slots=True)
 class PackStatus:
     """What one cycle concluded: the published picture of the pack."""
 
     t_s: float
     contactors: ContactorState
-    soc: np.ndarray
+    estimate: Estimate
     measurement: Measurement
     active_faults: tuple[str, ...]
     latched_faults: tuple[str, ...]
@@ -89,3 +117,7 @@ class PackStatus:
     discharge_limit_a: float
     balancing: np.ndarray | None = None
     """Cells bleeding this cycle (n_cells,), or None where balancing is off."""
+
+    @property
+    def soc(self) -> np.ndarray:
+        return self.estimate.soc

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from bms.backends import ContactorDriver, FrontEnd, Publisher
-from bms.types import ALL_OPEN, ContactorFeedback, Measurement, RelayStates
+from bms.types import (
+    ALL_OPEN,
+    POWER_DURATIONS_S,
+    ContactorFeedback,
+    Estimate,
+    Measurement,
+    RelayStates,
+)
 
 
 class FakeFrontEnd(FrontEnd):
@@ -79,3 +86,12 @@ class FakePublisher(Publisher):
 
     def close(self):
         pass
+
+
+def estimate_of(soc, soc_std: float = 0.01, limit_a: float = 100.0) -> Estimate:
+    """An estimate with the given SOC per cell, ``soc_std`` everywhere, no innovation, and
+    state-of-power limits of ``limit_a`` for every duration."""
+    soc = np.asarray(soc, dtype=float)
+    limits = np.full((soc.size, len(POWER_DURATIONS_S)), limit_a)
+    nothing = np.full(soc.size, np.nan)
+    return Estimate(soc, np.full(soc.size, soc_std), nothing, nothing, limits, limits.copy())

@@ -4,6 +4,8 @@ Each limit starts from the pack's operating maximum (the MOL of the current, tim
 parallel) and is scaled by the smallest of several factors in [0, 1], each falling linearly
 from 1 at a quantity's MOL to 0 at its RSL: temperature (the charge or discharge limits), cell
 voltage headroom (highest cell for charge, lowest for discharge) and SOC near full or empty.
+It is then capped by the estimator's state of power: the current the weakest cell can carry
+for ``power_duration_s`` without leaving its voltage limits.
 A missing input (NaN) gives a factor of 0: when in doubt, no current. The published limit falls
 at once and rises at most ``ramp_up_a_per_s``, so a load that follows it never trips on a step.
 """
@@ -11,12 +13,14 @@ at once and rises at most ``ramp_up_a_per_s``, so a load that follows it never t
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from bms.protection.limits import LimitSet, LowerGrades, UpperGrades
 from bms.schema import StrictModel
+from bms.types import Estimate
 
 
 class DeratingConfig(StrictModel):
@@ -29,6 +33,9 @@ class DeratingConfig(StrictModel):
         0.05, gt=0.0, lt=1.0, description="the discharge limit falls from here to 0 at SOC 0"
     )
     ramp_up_a_per_s: float = Field(10.0, gt=0.0, le=100000.0)
+    power_duration_s: Literal[2.0, 10.0, 30.0] = Field(
+        10.0, description="state of power for pulses this long caps the limits"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DeratingConfig:
@@ -49,6 +56,11 @@ def taper_lower(value: float, grades: LowerGrades) -> float:
     if math.isnan(value):
         return 0.0
     return float(np.clip((value - grades.rsl) / (grades.mol - grades.rsl), 0.0, 1.0))
+
+
+def _capped(limit_a: float, power_a: float) -> float:
+    """The smaller of the two; 0 where the state of power is unknown (NaN)."""
+    return 0.0 if math.isnan(power_a) else min(limit_a, power_a)
 
 
 def _taper_soc(soc: float, start: float, end: float) -> float:
@@ -114,16 +126,22 @@ class CurrentLimiter:
         self,
         cell_voltage_v: np.ndarray,
         cell_temp_c: np.ndarray,
-        soc: np.ndarray,
+        estimate: Estimate,
         allowed: bool,
         dt_s: float,
     ) -> tuple[float, float]:
         """Return (charge_limit_a, discharge_limit_a); zero unless ``allowed`` (contactors
         closed and no fault that derates to zero)."""
         if allowed:
-            args = (cell_voltage_v, cell_temp_c, soc, self.limits, self.config)
-            charge_a = self.charge_max_a * min(charge_factors(*args).values())
-            discharge_a = self.discharge_max_a * min(discharge_factors(*args).values())
+            args = (cell_voltage_v, cell_temp_c, estimate.soc, self.limits, self.config)
+            power_charge_a, power_discharge_a = estimate.pack_limits_a(self.config.power_duration_s)
+            charge_a = _capped(
+                self.charge_max_a * min(charge_factors(*args).values()), power_charge_a
+            )
+            discharge_a = _capped(
+                self.discharge_max_a * min(discharge_factors(*args).values()),
+                power_discharge_a,
+            )
         else:
             charge_a = discharge_a = 0.0
         step_a = self.config.ramp_up_a_per_s * dt_s

@@ -132,6 +132,13 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         "the high-voltage interlock loop is open (a connector or cover is off)",
     ),
     FaultSpec(
+        "cell_model_mismatch",
+        Action.WARN,
+        "a cell's voltage stays further from the model's prediction than "
+        "innovation_limit_sigma standard deviations (sensor, connection or cell fault?)",
+        debounce_cycles=50,
+    ),
+    FaultSpec(
         "latch_store_write_failed",
         Action.NO_CLOSE,
         "the latched faults could not be written to disk (retried every second)",

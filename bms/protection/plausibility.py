@@ -11,7 +11,7 @@ import numpy as np
 
 from bms.config import ProtectionConfig
 from bms.protection.limits import GRADED_QUANTITIES, GRADES, LimitSet
-from bms.types import Measurement
+from bms.types import Estimate, Measurement
 
 
 class StuckDetector:
@@ -53,6 +53,15 @@ def _spread_exceeds(values: np.ndarray, limit: float) -> bool | None:
     if valid.size >= 2 and valid.max() - valid.min() > limit:
         return True
     return None if valid.size < values.size else False
+
+
+def estimator_conditions(estimate: Estimate, limits: ProtectionConfig) -> dict[str, bool | None]:
+    """A cell whose measured voltage is far from the model's prediction, in standard
+    deviations of the prediction (unknown where the estimator skipped a cell)."""
+    ratio = np.abs(estimate.innovation_v) / estimate.innovation_std_v
+    return {
+        "cell_model_mismatch": _exceeds(ratio, limits.innovation_limit_sigma, above=True),
+    }
 
 
 def _in_mode(check: bool | None, mode_applies: bool | None) -> bool | None:

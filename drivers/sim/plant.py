@@ -1,8 +1,8 @@
 """The simulated pack: cells, thermal model, sensors, contactor box and DC link.
 
 This is the plant, not a replay of the estimator. Every cell has its own capacity, resistance
-and initial SOC around the nominal parameter set, a second-order Thevenin response whose
-resistances rise in the cold (Arrhenius), and a lumped thermal mass cooled to ambient. The
+and initial SOC around the nominal parameter set, a second-order Thevenin response with the
+set's impedance tables over SOC and temperature, and a lumped thermal mass cooled to ambient. The
 sensors add per-channel offsets and noise. The contactor box has three relays, a precharge
 resistor and a DC-link capacitor. Faults are injected as the hardware would show them.
 """
@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bms.estimation import ecm
 from bms.estimation.cell_params import CellParams
-from bms.estimation.coulomb import SECONDS_PER_HOUR
+from bms.estimation.ecm import SECONDS_PER_HOUR
 from bms.types import ALL_OPEN, RelayStates
 from drivers.sim.options import SimOptions
 
-KELVIN = 273.15
-ARRHENIUS_K = 3000.0
-"""Activation energy over the gas constant (K): resistance rises about 2.5x from 25 to 0 degC."""
 LINK_BLEED_OHM = 10000.0
 """Discharge resistor across the DC link, so the link voltage decays once disconnected."""
 
@@ -68,12 +66,8 @@ class PackPlant:
         self.rng = rng = np.random.default_rng(options.seed)
         scatter = lambda sigma: 1.0 + sigma * rng.standard_normal(n_cells)  # noqa: E731
         self.capacity_ah = cell.capacity_ah * scatter(options.capacity_spread)
-        resistance_factor = scatter(options.resistance_spread)
-        self.r0_ohm = cell.r0_ohm * resistance_factor
-        self.r1_ohm = cell.r1_ohm * resistance_factor
-        self.r2_ohm = cell.r2_ohm * resistance_factor
-        self.c1_f = np.full(n_cells, cell.c1_f)
-        self.c2_f = np.full(n_cells, cell.c2_f)
+        self.resistance_factor = scatter(options.resistance_spread)
+        self._impedance = np.empty((n_cells, 5))
         self.soc = np.clip(
             options.initial_soc + options.initial_soc_spread * rng.standard_normal(n_cells), 0, 1
         )
@@ -91,14 +85,21 @@ class PackPlant:
         self.bleeding = np.zeros(n_cells, dtype=bool)
 
     # ---------------------------------------------------------------- physics
-    def _resistance_factor(self) -> np.ndarray:
-        temp_k = self.temp_c + KELVIN
-        return np.exp(ARRHENIUS_K * (1.0 / temp_k - 1.0 / (25.0 + KELVIN)))
+    def impedance(self) -> tuple[np.ndarray, ...]:
+        """Each cell's (r0_ohm, r1_ohm, c1_f, r2_ohm, c2_f), (n_cells,) each, at its present SOC
+        and temperature."""
+        ecm.impedances(self.cell.tables, self.soc, self.temp_c, self._impedance)
+        r0, r1, c1, r2, c2 = self._impedance.T
+        k = self.resistance_factor
+        return r0 * k, r1 * k, c1, r2 * k, c2
+
+    def ocv_v(self) -> np.ndarray:
+        return self.cell.ocv_at(self.soc, self.temp_c)
 
     def terminal_voltage_v(self, current_a: float) -> np.ndarray:
         """Cell terminal voltages (n_cells,) carrying ``current_a`` (positive = charging)."""
-        r0 = self.r0_ohm * self._resistance_factor()
-        return self.cell.ocv_at(self.soc) + self.v_rc1_v + self.v_rc2_v + r0 * current_a
+        r0 = self.impedance()[0]
+        return self.ocv_v() + self.v_rc1_v + self.v_rc2_v + r0 * current_a
 
     def step(self, dt_s: float, load_current_a: float, command: RelayStates) -> None:
         """Advance ``dt_s`` seconds with the relays commanded and the load drawing its current.
@@ -108,10 +109,8 @@ class PackPlant:
         """
         self._move_relays(command)
         o = self.options
-        emf_pack_v = float(
-            self.cell.ocv_at(self.soc).sum() + self.v_rc1_v.sum() + self.v_rc2_v.sum()
-        )
-        r_pack_ohm = float((self.r0_ohm * self._resistance_factor()).sum())
+        emf_pack_v = float(self.ocv_v().sum() + self.v_rc1_v.sum() + self.v_rc2_v.sum())
+        r_pack_ohm = float(self.impedance()[0].sum())
         main = self.relays.negative and self.relays.positive
         pre = self.relays.negative and self.relays.precharge and not self.relays.positive
         shorted = self.faults.short and (main or pre)
@@ -149,18 +148,15 @@ class PackPlant:
         self.relays = RelayStates(command.negative, command.precharge, positive)
 
     def _step_cells(self, dt_s: float, pack_current_a: float) -> None:
-        factor = self._resistance_factor()
-        r0, r1, r2 = self.r0_ohm * factor, self.r1_ohm * factor, self.r2_ohm * factor
+        r0, r1, c1, r2, c2 = self.impedance()
         # A bleeding cell also discharges through its balancing resistor.
-        bleed_a = np.where(
-            self.bleeding, self.cell.ocv_at(self.soc) / self.options.bleed_resistance_ohm, 0.0
-        )
+        bleed_a = np.where(self.bleeding, self.ocv_v() / self.options.bleed_resistance_ohm, 0.0)
         current_a = pack_current_a - bleed_a
         self.soc = np.clip(
             self.soc + current_a * dt_s / (SECONDS_PER_HOUR * self.capacity_ah), 0.0, 1.0
         )
         # Exact discretisation of each RC pair for a current held over the step.
-        for v, r, c in ((self.v_rc1_v, r1, self.c1_f), (self.v_rc2_v, r2, self.c2_f)):
+        for v, r, c in ((self.v_rc1_v, r1, c1), (self.v_rc2_v, r2, c2)):
             decay = np.exp(-dt_s / (r * c))
             v *= decay
             v += r * current_a * (1.0 - decay)

@@ -9,13 +9,14 @@ import numpy as np
 
 from bms.report import status_record, to_json, to_line
 from bms.types import ContactorState, Measurement, PackStatus
+from tests.fakes import estimate_of
 
 
 def status(cell_voltage_v, soc, temps=(25.0, 27.5)) -> PackStatus:
     return PackStatus(
         t_s=12.3456,
         contactors=ContactorState.CLOSED,
-        soc=np.array(soc),
+        estimate=estimate_of(soc),
         measurement=Measurement(12.3, np.array(cell_voltage_v), np.array(temps), -4.0, 11.0, 10.9),
         active_faults=("overtemperature",),
         latched_faults=(),

@@ -15,6 +15,7 @@ from drivers.can.contactors import CanContactors
 from drivers.can.frontend import CanFrontEnd
 from drivers.can.link import CanLink
 from drivers.can.publisher import CanPublisher
+from tests.fakes import estimate_of
 
 
 @pytest.fixture
@@ -180,7 +181,7 @@ def test_publisher_frames_decode_back_to_the_status(config, peer, codec):
         status = PackStatus(
             t_s=1.0,
             contactors=ContactorState.CLOSED,
-            soc=np.array([0.5, 0.6, 0.7, 0.8, 0.9]),
+            estimate=estimate_of([0.5, 0.6, 0.7, 0.8, 0.9]),
             measurement=Measurement(
                 1.0, np.array([3.6, 3.5, 3.9, 3.7, 3.8]), np.full(7, 30.4), -7.25, 18.5, 18.4
             ),

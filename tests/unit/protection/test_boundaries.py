@@ -20,6 +20,7 @@ from bms.protection.limits import load_limit_set
 from bms.protection.plausibility import StuckDetector, graded_conditions, measurement_conditions
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, RelayStates
 from tests.conftest import LIMITS as LIMIT_FILE
+from tests.fakes import estimate_of
 
 LIMITS = load_limit_set(LIMIT_FILE)
 DCFG = DeratingConfig()
@@ -60,7 +61,7 @@ def test_single_cell_arrays_give_real_factors():
 def test_limiter_ramps_from_zero():
     lim = CurrentLimiter(LIMITS, DCFG, 1)
     v, t, s = np.array([3.7, 3.7]), np.array([25.0]), np.array([0.5, 0.5])
-    assert lim.update(v, t, s, True, 0.125) == (1.25, 1.25)
+    assert lim.update(v, t, estimate_of(s), True, 0.125) == (1.25, 1.25)
 
 
 # ---------- plausibility

@@ -19,6 +19,7 @@ from bms.protection.derating import (
 )
 from bms.protection.limits import load_limit_set
 from tests.conftest import LIMITS as LIMIT_FILE
+from tests.fakes import estimate_of
 
 LIMITS = load_limit_set(LIMIT_FILE)
 CONFIG = DeratingConfig()
@@ -69,7 +70,7 @@ def test_each_factor_derates_its_own_direction():
 
 def test_limiter_is_zero_unless_allowed_and_ramps_up_but_falls_at_once():
     limiter = CurrentLimiter(LIMITS, CONFIG, n_parallel=2)
-    v, t, soc = np.full(4, 3.7), np.full(2, 25.0), np.full(4, 0.5)
+    v, t, soc = np.full(4, 3.7), np.full(2, 25.0), estimate_of(np.full(4, 0.5))
     assert limiter.update(v, t, soc, allowed=False, dt_s=0.1) == (0.0, 0.0)
     charge_a, discharge_a = limiter.update(v, t, soc, allowed=True, dt_s=0.1)
     assert (charge_a, discharge_a) == pytest.approx((1.0, 1.0))  # 10 A/s for 0.1 s
@@ -81,6 +82,21 @@ def test_limiter_is_zero_unless_allowed_and_ramps_up_but_falls_at_once():
     assert discharge_a == pytest.approx(40.0 * 0.2)
     assert charge_a == 0.0  # above the charge RSL of 50 degC
     assert limiter.update(v, t, soc, allowed=False, dt_s=0.1) == (0.0, 0.0)
+
+
+def test_state_of_power_caps_the_limits_and_unknown_power_means_none():
+    limiter = CurrentLimiter(LIMITS, CONFIG, n_parallel=2)
+    v, t = np.full(4, 3.7), np.full(2, 25.0)
+    weak = estimate_of(np.full(4, 0.5), limit_a=100.0)
+    # One cell can carry 12 A for 10 s (the configured duration), another 3 A for 30 s.
+    weak.charge_limit_a[1, 1] = 12.0
+    weak.discharge_limit_a[2, 1] = 7.0
+    weak.discharge_limit_a[3, 2] = 3.0
+    for _ in range(100):
+        charge_a, discharge_a = limiter.update(v, t, weak, allowed=True, dt_s=0.1)
+    assert (charge_a, discharge_a) == pytest.approx((12.0, 7.0))
+    weak.discharge_limit_a[0, 1] = math.nan  # a cell without an estimate
+    assert limiter.update(v, t, weak, allowed=True, dt_s=0.1)[1] == 0.0
 
 
 finite_or_nan = st.one_of(st.floats(-50.0, 150.0), st.just(math.nan))
@@ -96,14 +112,21 @@ finite_or_nan = st.one_of(st.floats(-50.0, 150.0), st.just(math.nan))
     allowed=st.booleans(),
     steps=st.integers(1, 30),
     n_parallel=st.integers(1, 4),
+    power_a=st.one_of(st.floats(0.0, 200.0), st.just(math.nan)),
 )
 def test_published_limits_never_exceed_any_individual_limit(
-    cell_voltage_v, cell_temp_c, soc, allowed, steps, n_parallel
+    cell_voltage_v, cell_temp_c, soc, allowed, steps, n_parallel, power_a
 ):
     v, t, s = np.array(cell_voltage_v), np.array(cell_temp_c), np.array(soc)
     limiter = CurrentLimiter(LIMITS, CONFIG, n_parallel)
     for _ in range(steps):
-        charge_a, discharge_a = limiter.update(v, t, s, allowed, dt_s=0.5)
+        charge_a, discharge_a = limiter.update(
+            v, t, estimate_of(s, limit_a=power_a), allowed, dt_s=0.5
+        )
+    if math.isnan(power_a):
+        assert charge_a == 0.0 and discharge_a == 0.0
+    else:
+        assert charge_a <= power_a and discharge_a <= power_a
     charge, discharge = (
         charge_factors(v, t, s, LIMITS, CONFIG),
         discharge_factors(v, t, s, LIMITS, CONFIG),

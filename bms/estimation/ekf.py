@@ -1,0 +1,148 @@
+"""Extended Kalman filter over the ECM, for every cell of the pack in one compiled call.
+
+State per cell ``[soc, v_rc1_v, v_rc2_v]``. The prediction uses the measured ``dt_s`` and the
+mean current between the two samples; the update compares the measured terminal voltage with
+the model's. The 3×3 algebra is written out and the covariance is updated in Joseph form, so
+it stays symmetric positive definite whatever the gain. A cell whose voltage (or the current)
+is NaN skips the update: its uncertainty grows by the prediction alone, and its state is not
+touched by the bad reading.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from bms.estimation.ecm import (
+    C1,
+    C2,
+    R0,
+    R1,
+    R2,
+    SECONDS_PER_HOUR,
+    impedance,
+    ocv_and_slope,
+    rc_decay,
+    step_current_a,
+)
+
+SOC_STATE_LIMITS = (-0.05, 1.05)
+"""The SOC state is held inside these bounds; a little beyond [0, 1] so the filter near full or
+empty is not biased by the clamp."""
+MAX_SOC_VARIANCE = 0.25
+"""An SOC standard deviation of 0.5 says "unknown"; growing it further only risks overflow."""
+UNKNOWN_CURRENT_C_RATE = 1.0
+"""While the current is NaN the SOC may move by up to this C-rate (1 sigma) for all we know."""
+
+
+@njit(cache=True)
+def ekf_step(
+    tables,
+    tuning,
+    capacity_ah,
+    x,
+    p,
+    previous_current_a,
+    current_a,
+    voltage_v,
+    temp_c,
+    dt_s,
+    innovation_v,
+    innovation_std_v,
+):
+    """Advance every cell by ``dt_s`` seconds and correct it with its measured voltage.
+
+    tables: EcmTables; tuning: EkfTuning. capacity_ah, previous_current_a, current_a (cell
+    currents, A, positive charging; the previous sample's and this one's), voltage_v, temp_c:
+    (n_cells,). x: (n_cells, 3) and p: (n_cells, 3, 3), updated in place. Writes
+    innovation_v (measured minus predicted voltage, NaN where the update was skipped) and
+    innovation_std_v (its predicted standard deviation), both (n_cells,).
+    """
+    z = np.empty(5)
+    a = np.empty((3, 3))
+    m = np.empty((3, 3))
+    f = np.empty(3)
+    b = np.empty(3)
+    h = np.empty(3)
+    k = np.empty(3)
+    ph = np.empty(3)
+    current_var = tuning.current_noise_a**2
+    soc_walk_var = tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR
+    rc_walk_var = tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
+    voltage_var = tuning.voltage_noise_v**2
+    for c in range(x.shape[0]):
+        soc = x[c, 0]
+        impedance(tables, soc, temp_c[c], z)
+        a1 = rc_decay(z[R1], z[C1], dt_s)
+        a2 = rc_decay(z[R2], z[C2], dt_s)
+        f[0] = 1.0
+        f[1] = a1
+        f[2] = a2
+        b[0] = dt_s / (SECONDS_PER_HOUR * capacity_ah[c])
+        b[1] = z[R1] * (1.0 - a1)
+        b[2] = z[R2] * (1.0 - a2)
+        i_step = step_current_a(previous_current_a[c], current_a[c])
+        input_var = current_var
+        if math.isnan(i_step):
+            i_step = 0.0
+            input_var = (UNKNOWN_CURRENT_C_RATE * capacity_ah[c]) ** 2
+
+        # Predict: x = F x + B i, P = F P F' + B var(i) B' + random walk.
+        for r in range(3):
+            x[c, r] = f[r] * x[c, r] + b[r] * i_step
+        x[c, 0] = min(max(x[c, 0], SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
+        for r in range(3):
+            for s in range(r, 3):
+                value = f[r] * p[c, r, s] * f[s] + b[r] * input_var * b[s]
+                p[c, r, s] = value
+                p[c, s, r] = value
+        p[c, 0, 0] = min(p[c, 0, 0] + soc_walk_var, MAX_SOC_VARIANCE)
+        p[c, 1, 1] += rc_walk_var
+        p[c, 2, 2] += rc_walk_var
+
+        if math.isnan(voltage_v[c]) or math.isnan(current_a[c]):
+            innovation_v[c] = math.nan
+            innovation_std_v[c] = math.nan
+            continue
+
+        # Update with the terminal voltage y = ocv(soc) + v1 + v2 + R0 i.
+        impedance(tables, x[c, 0], temp_c[c], z)
+        ocv, slope = ocv_and_slope(tables, x[c, 0], temp_c[c])
+        h[0] = slope
+        h[1] = 1.0
+        h[2] = 1.0
+        # The model's own error grows with the voltage the impedance accounts for.
+        impedance_v = abs(z[R0] * current_a[c]) + abs(x[c, 1]) + abs(x[c, 2])
+        noise_var = (
+            voltage_var
+            + z[R0] ** 2 * current_var
+            + (tuning.impedance_error_ratio * impedance_v) ** 2
+        )
+        predicted_v = ocv + x[c, 1] + x[c, 2] + z[R0] * current_a[c]
+        innovation = voltage_v[c] - predicted_v
+        s_var = noise_var
+        for r in range(3):
+            ph[r] = p[c, r, 0] * h[0] + p[c, r, 1] * h[1] + p[c, r, 2] * h[2]
+            s_var += h[r] * ph[r]
+        for r in range(3):
+            k[r] = ph[r] / s_var
+            x[c, r] += k[r] * innovation
+        x[c, 0] = min(max(x[c, 0], SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
+
+        # Joseph form: P = A P A' + K R K' with A = I - K H.
+        for r in range(3):
+            for s in range(3):
+                a[r, s] = (1.0 if r == s else 0.0) - k[r] * h[s]
+        for r in range(3):
+            for s in range(3):
+                m[r, s] = a[r, 0] * p[c, 0, s] + a[r, 1] * p[c, 1, s] + a[r, 2] * p[c, 2, s]
+        for r in range(3):
+            for s in range(r, 3):
+                value = m[r, 0] * a[s, 0] + m[r, 1] * a[s, 1] + m[r, 2] * a[s, 2]
+                value += k[r] * noise_var * k[s]
+                p[c, r, s] = value
+                p[c, s, r] = value
+        innovation_v[c] = innovation
+        innovation_std_v[c] = math.sqrt(s_var)

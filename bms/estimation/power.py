@@ -1,0 +1,92 @@
+"""State of power: the largest constant current each cell can carry for a while.
+
+For a constant current ``I`` held ``t`` seconds from the present state, the ECM gives the
+terminal voltage in closed form::
+
+    V(I, t) = ocv(soc + I t / 3600 Q) + sum_k [v_k e^(-t/tau_k) + R_k I (1 - e^(-t/tau_k))] + R0 I
+
+V rises monotonically with I, so the limit is the root of V = voltage_max_v (charge) or
+V = voltage_min_v (discharge), found by Newton's method on the piecewise-linear OCV. The
+voltage is checked at the start of the pulse (where only R0 acts, at the present SOC) and at
+its end, and the tighter of the two is the limit. At the end the impedance is taken at the SOC
+the pulse ends at: resistance rises towards empty, and the start's would promise too much.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from bms.estimation.ecm import (
+    C1,
+    C2,
+    R0,
+    R1,
+    R2,
+    SECONDS_PER_HOUR,
+    impedance,
+    ocv_and_slope,
+    rc_decay,
+)
+
+NEWTON_STEPS = 6
+NEWTON_TOLERANCE_V = 1e-4
+
+
+@njit(cache=True)
+def _limit_at(tables, soc, temp_c, capacity_ah, v1, v2, z, duration_s, target_v, direction):
+    """Largest current magnitude in ``direction`` (+1 charge, -1 discharge) that keeps the
+    voltage on the safe side of ``target_v`` at the start and at the end of ``duration_s``.
+    Negative when even zero current crosses it. ``z`` (5,) is scratch space."""
+    soc_per_a = duration_s / (SECONDS_PER_HOUR * capacity_ah)
+    current = 0.0
+    for _ in range(NEWTON_STEPS):
+        soc_end = soc + current * soc_per_a
+        impedance(tables, soc_end, temp_c, z)
+        a1 = rc_decay(z[R1], z[C1], duration_s)
+        a2 = rc_decay(z[R2], z[C2], duration_s)
+        gain_ohm = z[R0] + z[R1] * (1.0 - a1) + z[R2] * (1.0 - a2)
+        ocv, slope = ocv_and_slope(tables, soc_end, temp_c)
+        error_v = ocv + v1 * a1 + v2 * a2 + gain_ohm * current - target_v
+        if abs(error_v) < NEWTON_TOLERANCE_V:
+            break
+        current -= error_v / (gain_ohm + slope * soc_per_a)
+    impedance(tables, soc, temp_c, z)
+    ocv_now, _ = ocv_and_slope(tables, soc, temp_c)
+    at_start = (target_v - ocv_now - v1 - v2) / z[R0]
+    return min(direction * current, direction * at_start)
+
+
+@njit(cache=True)
+def power_limits(
+    tables,
+    capacity_ah,
+    x,
+    temp_c,
+    voltage_min_v,
+    voltage_max_v,
+    cap_a,
+    durations_s,
+    charge_limit_a,
+    discharge_limit_a,
+):
+    """Largest constant charge and discharge current (A, positive magnitudes) per cell and
+    duration that keeps the terminal voltage within [voltage_min_v, voltage_max_v].
+
+    capacity_ah, temp_c: (n_cells,); x: (n_cells, 3) EKF state; durations_s: (n_durations,).
+    Writes charge_limit_a and discharge_limit_a, (n_cells, n_durations); a cell already past a
+    limit gets 0 in that direction; no limit exceeds ``cap_a``.
+    """
+    z = np.empty(5)
+    for c in range(x.shape[0]):
+        soc, v1, v2 = x[c, 0], x[c, 1], x[c, 2]
+        for d in range(durations_s.shape[0]):
+            duration = durations_s[d]
+            charge = _limit_at(
+                tables, soc, temp_c[c], capacity_ah[c], v1, v2, z, duration, voltage_max_v, 1.0
+            )
+            discharge = _limit_at(
+                tables, soc, temp_c[c], capacity_ah[c], v1, v2, z, duration, voltage_min_v, -1.0
+            )
+            charge_limit_a[c, d] = min(max(charge, 0.0), cap_a)
+            discharge_limit_a[c, d] = min(max(discharge, 0.0), cap_a)

@@ -1,0 +1,70 @@
+"""Parameter sets: tables over SOC x temperature, interpolation, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bms.estimation.cell_params import CellParamsError, load_cell_params
+
+
+def test_bilinear_lookup_reproduces_a_linear_table_and_clamps(linear):
+    soc = np.array([0.1, 0.37, 0.8])
+    temp_c = np.array([5.0, 20.0, 33.0])
+    assert linear.ocv_at(soc, temp_c) == pytest.approx(3.0 + soc + 0.002 * temp_c)
+    # Outside the grid: the edge value, never an extrapolation.
+    assert linear.ocv_at(np.array([-0.2, 1.3]), 60.0) == pytest.approx([3.08, 4.08])
+    assert linear.ocv_at(0.5, -30.0) == pytest.approx(3.5)
+    r = linear.impedance_at(0.25, 10.0)
+    assert r["r0_ohm"] == pytest.approx(0.01 + 0.0005 * 30.0)
+    assert r["r1_ohm"] == pytest.approx(0.0125)
+    assert linear.impedance_at(2.0, 99.0)["r0_ohm"] == pytest.approx(0.01)
+
+
+def test_ocv_inverse_agrees_and_clamps(linear, generic):
+    soc = np.linspace(0.0, 1.0, 41)
+    assert linear.soc_at_ocv(linear.ocv_at(soc, 15.0), 15.0) == pytest.approx(soc, abs=1e-12)
+    assert generic.soc_at_ocv(generic.ocv_at(soc)) == pytest.approx(soc, abs=1e-9)
+    assert linear.soc_at_ocv(np.array([2.0, 9.0]), 20.0).tolist() == [0.0, 1.0]
+    assert np.isnan(linear.soc_at_ocv(np.nan, 20.0))
+
+
+def test_the_shipped_set_loads_with_its_provenance(generic):
+    assert generic.capacity_ah == 5.0
+    assert generic.tables.impedance.shape == (6, 6, 5)
+    assert "hand" in generic.provenance["method"]
+    cold, warm = generic.impedance_at(0.5, 0.0), generic.impedance_at(0.5, 25.0)
+    assert cold["r0_ohm"] > 2 * warm["r0_ohm"]
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "message"),
+    [
+        ("ocv.csv", "temp_c,soc,ocv_v\n25,0,3.5\n25,1,3.4\n", "must rise strictly"),
+        ("ocv.csv", "temp_c,soc,ocv_v\n25,0.1,3.5\n25,1,3.9\n", "from 0 to 1"),
+        ("ocv.csv", "temp_c,soc,ocv_v\n0,0,3.0\n0,1,4.0\n40,0,3.0\n", "not a full grid"),
+        ("ocv.csv", "temp_c,soc,ocv_v\n25,0,3.0\n25,0,3.1\n25,1,4.0\n", "not a full grid"),
+        ("ocv.csv", "temp_c,soc\n25,0\n", "missing column"),
+        ("ocv.csv", "temp_c,soc,ocv_v\n25,0,x\n", r"ocv.csv:2: ocv_v is not a number"),
+        ("ocv.csv", "temp_c,soc,ocv_v\n25,0,nan\n", "not finite"),
+        ("ocv.csv", "temp_c,soc,ocv_v\n", "no data rows"),
+        (
+            "impedance.csv",
+            "temp_c,soc,r0_ohm,r1_ohm,c1_f,r2_ohm,c2_f\n25,0,0.01,0.01,0,0.01,10\n"
+            "25,1,0.01,0.01,10,0.01,10\n",
+            "must be > 0",
+        ),
+        ("params.toml", 'name = "x"\ncapacity_ah = 2.0\n', "[ekf]: required section"),
+    ],
+)
+def test_broken_sets_name_the_file_and_the_problem(linear_dir, file, text, message):
+    (linear_dir / file).write_text(text)
+    with pytest.raises(CellParamsError) as excinfo:
+        load_cell_params(linear_dir)
+    assert message in str(excinfo.value)
+    assert file in str(excinfo.value)
+
+
+def test_absent_set_is_a_clear_error(tmp_path):
+    with pytest.raises(CellParamsError, match="cannot read"):
+        load_cell_params(tmp_path / "absent")
