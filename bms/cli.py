@@ -1,4 +1,4 @@
-"""The ``bms`` command: ``run``, ``sim`` and ``check-config``.
+"""The ``bms`` command: ``run``, ``sim``, ``check-config``, ``faults``, ``identify``, ``replay``.
 
 Exit codes: 0 clean stop (contactors confirmed open), 1 contactors not confirmed open,
 2 configuration or usage error, 3 the configured hardware or files could not be opened,
@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+from pathlib import Path
 
 from bms import app, backends
 from bms.config import SIM_BACKEND, ConfigError, load_config
@@ -92,6 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SIM_CONFIG,
         help=f"TOML config file (default {DEFAULT_SIM_CONFIG})",
     )
+
+    identify = commands.add_parser(
+        "identify",
+        help="fit a cell parameter set from an OCV test and HPPC pulse tests",
+        description="CSV columns: time_s,current_a,voltage_v,temp_c (current positive when "
+        "charging). Capacity and SOC come from the OCV test (a slow discharge and charge "
+        "between the voltage limits); the impedance tables from one pulse test per "
+        "temperature.",
+    )
+    identify.add_argument("--ocv", required=True, type=Path, help="the OCV test (CSV)")
+    identify.add_argument(
+        "--hppc", required=True, action="append", type=Path, help="a pulse test; repeatable"
+    )
+    identify.add_argument("--out", required=True, type=Path, help="directory to write the set to")
+    identify.add_argument("--name", help="the set's name (default: the directory's name)")
+    identify.add_argument("--force", action="store_true", help="replace an existing set")
+
+    replay = commands.add_parser(
+        "replay",
+        help="run the estimator over a logged single-cell CSV",
+        description="Input columns: time_s,current_a,voltage_v,temp_c[,soc_true]. Output "
+        "columns: time_s,soc,soc_std,voltage_pred_v,charge_limit_10s_a,discharge_limit_10s_a.",
+    )
+    replay.add_argument("--params", required=True, type=Path, help="cell parameter set directory")
+    replay.add_argument("--input", required=True, type=Path, help="the log (CSV)")
+    replay.add_argument("--out", required=True, type=Path, help="where to write the estimates")
+    replay.add_argument(
+        "--initial-soc",
+        type=float,
+        help="start here (0..1) instead of from the OCV of the first sample",
+    )
+    replay.add_argument("--plot", type=Path, metavar="REPORT.png", help="also draw a report")
     return parser
 
 
@@ -105,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _log_through_a_queue(args.log_level)
+    if args.command == "identify":
+        return _identify(args)
+    if args.command == "replay":
+        return _replay(parser, args)
     path = args.file if args.command == "check-config" else args.config
     try:
         config = load_config(path)
@@ -156,6 +193,57 @@ def _faults(config, action: str, fault_ids: list[str]) -> int:
         print("no latched faults")
     for record in latched.values():
         print(f"{record.fault_id}  latched {record.latched_at_utc}  {record.description}")
+    return 0
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from bms.csvio import CsvError
+    from bms.estimation.cell_params import CellParamsError
+    from bms.estimation.fitting import FitError
+    from bms.identify import describe, identify
+
+    try:
+        cell = identify(args.ocv, args.hppc, args.out, args.name or args.out.name, args.force)
+    except (CsvError, FitError, FileExistsError, CellParamsError) as exc:
+        print(f"bms identify: {exc}", file=sys.stderr)
+        return app.EXIT_USAGE_ERROR
+    print(f"wrote {args.out}: {describe(cell)}")
+    return 0
+
+
+def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from bms import replay
+    from bms.csvio import CsvError
+    from bms.estimation.cell_params import CellParamsError, load_cell_params
+    from bms.estimation.estimator import warm_up
+
+    if args.initial_soc is not None and not 0.0 <= args.initial_soc <= 1.0:
+        parser.error("--initial-soc must lie in [0, 1]")
+    try:
+        cell = load_cell_params(args.params)
+        log = replay.read_log(args.input)
+    except (CsvError, CellParamsError, ValueError) as exc:
+        print(f"bms replay: {exc}", file=sys.stderr)
+        return app.EXIT_USAGE_ERROR
+    warm_up(cell)
+    result = replay.replay(cell, log, args.initial_soc)
+    replay.write_estimates(args.out, result)
+    print(f"wrote {args.out}: {result.time_s.size} rows")
+    scores = result.errors()
+    if scores is not None:
+        print(
+            f"SOC error after {replay.SETTLE_S:.0f} s: RMSE {scores['rmse'] * 100:.2f} %, "
+            f"max {scores['max_abs'] * 100:.2f} % ({scores['samples']} samples)"
+        )
+    if args.plot is not None:
+        try:
+            replay.plot(args.plot, result, f"{args.input.name} with {cell.name}")
+        except ImportError:
+            print(
+                "bms replay: --plot needs matplotlib (pip install 'pybms[plot]')", file=sys.stderr
+            )
+            return app.EXIT_SETUP_FAILED
+        print(f"wrote {args.plot}")
     return 0
 
 

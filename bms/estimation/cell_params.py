@@ -106,7 +106,7 @@ def _elementwise(kernel, tables: EcmTables, values, temp_c) -> np.ndarray:
     """Apply a (tables, values (n,), temp_c (n,), out (n,)) kernel to arrays of any shape."""
     values_b, temp_b = np.broadcast_arrays(np.asarray(values, float), np.asarray(temp_c, float))
     out = np.empty(values_b.size)
-    kernel(tables, np.ravel(values_b), np.ravel(temp_b), out)
+    kernel(tables, np.array(values_b).ravel(), np.array(temp_b).ravel(), out)
     return out.reshape(values_b.shape)
 
 

@@ -101,7 +101,8 @@ class PackEstimator:
             self._innovation_std_v,
         )
         self.previous_current_a = current_a
-        self._initialise_from_ocv(cell_current_a, cell_voltage_v)
+        started = self._initialise_from_ocv(cell_current_a, cell_voltage_v)
+        self._innovation_v[started] = math.nan  # the update ran on a state now replaced
         power_limits(
             self.cell.tables,
             self.capacity_ah,
@@ -146,18 +147,17 @@ class PackEstimator:
         else:
             self.rest_elapsed_s += dt_s
 
-    def _initialise_from_ocv(self, cell_current_a: float, cell_voltage_v: np.ndarray) -> None:
+    def _initialise_from_ocv(self, cell_current_a: float, cell_voltage_v: np.ndarray) -> np.ndarray:
         """Cells seen for the first time start from the SOC of their voltage less the R0 drop
         of whatever current flows; once per long rest every cell restarts from its voltage
-        less the polarisation the model says is still left."""
+        less the polarisation the model says is still left. Returns the mask of cells
+        (re)started."""
         if math.isnan(cell_current_a):
-            return
+            return np.zeros(self.x.shape[0], dtype=bool)
         rest_done = self.rest_elapsed_s >= self.rest_time_s and not self.rest_reinitialised
         start = ~np.isnan(cell_voltage_v) & (rest_done | ~self.known)
         if rest_done:
             self.rest_reinitialised = True
-        if not start.any():
-            return
         z = np.empty(5)
         std = self.cell.tuning.initial_soc_std
         for c in np.flatnonzero(start):
@@ -168,6 +168,7 @@ class PackEstimator:
             self.x[c] = (ecm.soc_from_ocv(self.cell.tables, ocv_v, self.temp_c[c]), 0.0, 0.0)
             self.p[c] = np.diag([std**2, INITIAL_RC_STD_V**2, INITIAL_RC_STD_V**2])
         self.known |= start
+        return start
 
 
 def warm_up(cell: CellParams) -> None:

@@ -1,0 +1,333 @@
+"""Parameter identification from characterisation tests: an OCV test and HPPC pulse tests.
+
+Pure functions over arrays (the ``bms identify`` command reads and writes the files).
+
+* **OCV test** (a slow, C/20-ish discharge from full to empty, a rest, and a charge back):
+  the capacity is the charge the discharge removed, and it defines SOC: 1 rested at the upper
+  voltage limit, 0 at the lower. The OCV curve is the mean of the discharge and the charge
+  curves at each SOC, which cancels their (nearly equal and opposite) resistive drop and most
+  of the hysteresis.
+* **HPPC test** (at each SOC step: pulses, rests, then a partial discharge to the next step):
+  from each discharge pulse to the next, the voltage (pulses, rests, the step to the next SOC
+  and the long rest after it) is fitted by the 2RC model. For given time constants the model
+  is linear in R0, R1, R2 and the polarisation left from before, so each (tau1, tau2) on a
+  log grid is a linear least squares; the pair with the smallest residual wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from bms.estimation.ecm import SECONDS_PER_HOUR
+
+OCV_GRID_POINTS = 101
+REST_CURRENT_C_RATE = 0.005
+"""Below this C-rate a sample counts as rest."""
+MAX_GAP_S = 300.0
+"""A longer gap between samples is a hole in the data, not a slow log."""
+MAX_PULSE_S = 120.0
+"""A current step this short is a pulse; longer ones move the SOC to the next step."""
+MIN_REST_BEFORE_PULSE_S = 60.0
+MIN_PULSES = 3
+TEMP_STEP_C = 5.0
+KELVIN = 273.15
+TAU1_GRID_S = np.geomspace(1.0, 200.0, 19)
+TAU2_GRID_S = np.geomspace(60.0, 6000.0, 17)
+
+
+class FitError(ValueError):
+    """Data that cannot be fitted, with what is missing in the message."""
+
+
+@dataclass(frozen=True)
+class TestData:
+    """One test's samples, each (n,): time (s), current (A, positive charging), voltage (V),
+    temperature (degC)."""
+
+    name: str
+    time_s: np.ndarray
+    current_a: np.ndarray
+    voltage_v: np.ndarray
+    temp_c: np.ndarray
+
+
+@dataclass(frozen=True)
+class OcvFit:
+    capacity_ah: float
+    voltage_max_v: float
+    voltage_min_v: float
+    temp_c: float
+    soc: np.ndarray
+    ocv_v: np.ndarray
+    hysteresis_v: float
+    """Mean half-gap between the charge and discharge curves: what the mean cancels."""
+
+
+@dataclass(frozen=True)
+class PulseFit:
+    soc: float
+    r0_ohm: float
+    r1_ohm: float
+    c1_f: float
+    r2_ohm: float
+    c2_f: float
+    rms_v: float
+
+
+@dataclass(frozen=True)
+class HppcFit:
+    temp_c: float
+    pulses: list[PulseFit]
+
+    @property
+    def rms_v(self) -> float:
+        return float(np.sqrt(np.mean([p.rms_v**2 for p in self.pulses])))
+
+
+def check_samples(data: TestData) -> None:
+    """Raise FitError for data no fit should see: time not rising, or holes in it."""
+    dt_s = np.diff(data.time_s)
+    if data.time_s.size < 10:
+        raise FitError(f"{data.name}: only {data.time_s.size} samples")
+    if np.any(dt_s <= 0.0):
+        at = int(np.flatnonzero(dt_s <= 0.0)[0]) + 1
+        raise FitError(f"{data.name}: time_s does not rise at sample {at} ({data.time_s[at]} s)")
+    if dt_s.max() > MAX_GAP_S:
+        at = int(np.argmax(dt_s))
+        raise FitError(
+            f"{data.name}: a gap of {dt_s[at]:.0f} s in the data after t = {data.time_s[at]:.0f} s"
+            f" (at most {MAX_GAP_S:.0f} s between samples)"
+        )
+
+
+def charge_ah(data: TestData) -> np.ndarray:
+    """Charge moved into the cell since the first sample (Ah, (n,)), trapezoidal rule."""
+    steps = 0.5 * (data.current_a[1:] + data.current_a[:-1]) * np.diff(data.time_s)
+    return np.concatenate(([0.0], np.cumsum(steps))) / SECONDS_PER_HOUR
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index ranges where ``mask`` is True, stop exclusive."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
+
+
+def _longest_run(mask: np.ndarray, time_s: np.ndarray) -> tuple[int, int] | None:
+    runs = _runs(mask)
+    if not runs:
+        return None
+    return max(runs, key=lambda run: time_s[run[1] - 1] - time_s[run[0]])
+
+
+def fit_ocv(data: TestData) -> OcvFit:
+    """The capacity and the OCV curve from a slow discharge and charge (see the module)."""
+    check_samples(data)
+    moved_ah = charge_ah(data)
+    scale_a = max(np.abs(data.current_a).max(), 1e-9)
+    discharge = _longest_run(data.current_a < -0.2 * scale_a, data.time_s)
+    charge = _longest_run(data.current_a > 0.2 * scale_a, data.time_s)
+    if discharge is None or charge is None:
+        raise FitError(
+            f"{data.name}: an OCV test needs a slow discharge and a slow charge "
+            "(found " + ("no discharge" if discharge is None else "no charge") + "; "
+            "current must be positive when charging)"
+        )
+    d0, d1 = discharge
+    c0, c1 = charge
+    v_dis, v_ch = data.voltage_v[d0:d1], data.voltage_v[c0:c1]
+    if v_dis[-1] >= v_dis[0] or v_ch[-1] <= v_ch[0]:
+        raise FitError(
+            f"{data.name}: the voltage rises while the current is negative: the current's "
+            "sign looks inverted (it must be positive when charging)"
+        )
+    capacity_ah = float(moved_ah[d0] - moved_ah[d1 - 1])
+    charged_ah = float(moved_ah[c1 - 1] - moved_ah[c0])
+    hours = (data.time_s[d1 - 1] - data.time_s[d0]) / SECONDS_PER_HOUR
+    if hours < 5.0:
+        raise FitError(
+            f"{data.name}: the discharge lasts {hours:.1f} h; an OCV test discharges at C/10 "
+            "or slower (about 10 h or more)"
+        )
+    voltage_max_v = float(np.round(data.voltage_v[: d0 + 1].max(), 2))
+    voltage_min_v = float(np.round(v_dis.min(), 2))
+    soc = np.linspace(0.0, 1.0, OCV_GRID_POINTS)
+    soc_dis = 1.0 - (moved_ah[d0] - moved_ah[d0:d1]) / capacity_ah
+    soc_ch = (moved_ah[c0:c1] - moved_ah[c0]) / charged_ah
+    on_dis = np.interp(soc, soc_dis[::-1], v_dis[::-1])
+    on_ch = np.interp(soc, soc_ch, v_ch)
+    half_gap_v = 0.5 * (on_ch - on_dis)
+    inner = (soc > 0.05) & (soc < 0.95)
+    # Near the ends one curve meets its limit before the other: beyond the inner range, keep
+    # the half-gap of its edge rather than the distorted one.
+    half_gap_v = np.interp(soc, soc[inner], half_gap_v[inner])
+    ocv_v = on_dis + half_gap_v
+    ocv_v[0], ocv_v[-1] = voltage_min_v, voltage_max_v
+    ocv_v = _strictly_rising(ocv_v)
+    return OcvFit(
+        capacity_ah=capacity_ah,
+        voltage_max_v=voltage_max_v,
+        voltage_min_v=voltage_min_v,
+        temp_c=float(np.round(np.mean(data.temp_c), 1)),
+        soc=soc,
+        ocv_v=ocv_v,
+        hysteresis_v=float(np.mean(np.abs(half_gap_v[inner]))),
+    )
+
+
+def _strictly_rising(values: np.ndarray, step: float = 1e-5) -> np.ndarray:
+    """The running maximum, nudged so that no two neighbours are equal."""
+    out = np.maximum.accumulate(values)
+    for i in range(1, out.size):
+        out[i] = max(out[i], out[i - 1] + step)
+    return out
+
+
+def _rc_basis(time_s: np.ndarray, current_a: np.ndarray, tau_s: np.ndarray) -> np.ndarray:
+    """Voltage of an RC pair of R = 1 ohm per time constant, from rest: (n_tau, n)."""
+    out = np.zeros((tau_s.size, time_s.size))
+    dt_s = np.diff(time_s)
+    step_a = 0.5 * (current_a[1:] + current_a[:-1])
+    for k in range(1, time_s.size):
+        decay = np.exp(-dt_s[k - 1] / tau_s)
+        out[:, k] = decay * out[:, k - 1] + (1.0 - decay) * step_a[k - 1]
+    return out
+
+
+def _best_fit(time_s, current_a, overpotential_v, tau1_s, tau2_s):
+    """The least-squares fit over every (tau1, tau2) pair of the two grids, or None."""
+    t_rel = time_s - time_s[0]
+    basis1 = _rc_basis(time_s, current_a, tau1_s)
+    basis2 = _rc_basis(time_s, current_a, tau2_s)
+    best = None
+    for i, tau1 in enumerate(tau1_s):
+        for j, tau2 in enumerate(tau2_s):
+            if tau2 < 3.0 * tau1:
+                continue
+            design = np.column_stack(
+                (current_a, basis1[i], basis2[j], np.exp(-t_rel / tau1), np.exp(-t_rel / tau2))
+            )
+            coef, *_ = np.linalg.lstsq(design, overpotential_v, rcond=None)
+            if np.any(coef[:3] <= 0.0):
+                continue
+            rms = float(np.sqrt(np.mean((design @ coef - overpotential_v) ** 2)))
+            if best is None or rms < best[-1]:
+                best = (float(coef[0]), float(coef[1]), tau1, float(coef[2]), tau2, rms)
+    return best
+
+
+def fit_pulse_window(
+    time_s: np.ndarray, current_a: np.ndarray, overpotential_v: np.ndarray
+) -> tuple[float, float, float, float, float, float]:
+    """Fit ``overpotential_v`` (terminal minus open-circuit voltage) over one window by
+    R0 i + v1 + v2, with any polarisation from before decaying freely: a coarse log grid of
+    time constants, then a fine one around the best pair.
+
+    Returns (r0_ohm, r1_ohm, tau1_s, r2_ohm, tau2_s, rms_v); raises FitError if no pair of
+    time constants gives positive resistances.
+    """
+    best = _best_fit(time_s, current_a, overpotential_v, TAU1_GRID_S, TAU2_GRID_S)
+    if best is None:
+        raise FitError("no time constants give positive resistances for this pulse")
+    ratio1 = TAU1_GRID_S[1] / TAU1_GRID_S[0]
+    ratio2 = TAU2_GRID_S[1] / TAU2_GRID_S[0]
+    fine1 = best[2] * ratio1 ** np.linspace(-1.0, 1.0, 9)
+    fine2 = best[4] * ratio2 ** np.linspace(-1.0, 1.0, 9)
+    return _best_fit(time_s, current_a, overpotential_v, fine1, fine2) or best
+
+
+def find_pulse_windows(data: TestData, capacity_ah: float) -> list[tuple[int, int, int]]:
+    """(start, pulse_start, stop) index ranges, stop exclusive: each discharge pulse that
+    follows a rest, with everything after it up to the next such pulse (the charge pulse, the
+    step to the next SOC, and the long rest whose relaxation shows the slow time constant)."""
+    rest = np.abs(data.current_a) <= REST_CURRENT_C_RATE * capacity_ah
+    runs = _runs(~rest)
+    pulse_starts = []
+    for n, (start, stop) in enumerate(runs):
+        rest_began_s = data.time_s[runs[n - 1][1]] if n else data.time_s[0]
+        short = data.time_s[stop - 1] - data.time_s[start] <= MAX_PULSE_S
+        rested = data.time_s[start] - rest_began_s >= MIN_REST_BEFORE_PULSE_S
+        if short and rested and data.current_a[start] < 0.0:
+            pulse_starts.append(start)
+    stops = [*pulse_starts[1:], data.time_s.size] if pulse_starts else []
+    return [
+        (max(start - 2, 0), start, stop) for start, stop in zip(pulse_starts, stops, strict=True)
+    ]
+
+
+def fit_hppc(data: TestData, ocv: OcvFit) -> HppcFit:
+    """Fit every pulse pair of one HPPC test; SOC is counted from the rested first sample."""
+    check_samples(data)
+    soc0 = float(np.interp(data.voltage_v[0], ocv.ocv_v, ocv.soc))
+    soc = soc0 + charge_ah(data) / ocv.capacity_ah
+    if np.abs(data.current_a).max() <= REST_CURRENT_C_RATE * ocv.capacity_ah:
+        raise FitError(f"{data.name}: no current flows: this is not a pulse test")
+    windows = find_pulse_windows(data, ocv.capacity_ah)
+    if len(windows) < MIN_PULSES:
+        raise FitError(
+            f"{data.name}: found {len(windows)} discharge pulse(s) after a rest of at least "
+            f"{MIN_REST_BEFORE_PULSE_S:.0f} s; a pulse test needs at least {MIN_PULSES} "
+            f"(pulses up to {MAX_PULSE_S:.0f} s, each followed by a rest)"
+        )
+    pulses = []
+    for start, pulse_start, stop in windows:
+        window = slice(start, stop)
+        ocv_v = np.interp(soc[window], ocv.soc, ocv.ocv_v)
+        r0, r1, tau1, r2, tau2, rms = fit_pulse_window(
+            data.time_s[window], data.current_a[window], data.voltage_v[window] - ocv_v
+        )
+        pulses.append(
+            PulseFit(
+                soc=float(soc[pulse_start]),
+                r0_ohm=r0,
+                r1_ohm=r1,
+                c1_f=tau1 / r1,
+                r2_ohm=r2,
+                c2_f=tau2 / r2,
+                rms_v=rms,
+            )
+        )
+    return HppcFit(temp_c=float(np.round(np.mean(data.temp_c), 1)), pulses=pulses)
+
+
+def impedance_grid(
+    fits: list[HppcFit], temp_step_c: float = TEMP_STEP_C
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Put every test's pulses on one grid: SOC points of the test with the most pulses
+    (rounded to 0.01), each test interpolated onto them (held at its own first and last
+    pulse beyond). Returns soc (n_soc,), temp_c (n_temp,), impedance (n_temp, n_soc, 5).
+
+    Between two tested temperatures, rows are added every ``temp_step_c``, interpolated as
+    Arrhenius does (log of each parameter linear in 1/T): resistance rises exponentially
+    into the cold, and the kernels' linear interpolation between rows far apart would
+    overstate it at every temperature in between.
+    """
+    fits = sorted(fits, key=lambda fit: fit.temp_c)
+    tested = np.array([fit.temp_c for fit in fits])
+    if np.unique(tested).size != tested.size:
+        raise FitError(f"two pulse tests at the same temperature ({tested} degC)")
+    densest = max(fits, key=lambda fit: len(fit.pulses))
+    soc_grid = np.unique(np.clip(np.round([p.soc for p in densest.pulses], 2), 0.0, 1.0))
+    measured = np.empty((tested.size, soc_grid.size, 5))
+    for t, fit in enumerate(fits):
+        order = np.argsort([p.soc for p in fit.pulses])
+        pulses = [fit.pulses[i] for i in order]
+        socs = np.array([p.soc for p in pulses])
+        for k, name in enumerate(("r0_ohm", "r1_ohm", "c1_f", "r2_ohm", "c2_f")):
+            measured[t, :, k] = np.interp(soc_grid, socs, [getattr(p, name) for p in pulses])
+    temps = [tested[0]]
+    for low, high in itertools.pairwise(tested):
+        steps = max(int(np.ceil((high - low) / temp_step_c)), 1)
+        temps.extend(np.linspace(low, high, steps + 1)[1:])
+    temps = np.round(np.array(temps), 2)
+    inverse_k = 1.0 / (tested + KELVIN)
+    table = np.empty((temps.size, soc_grid.size, 5))
+    for t, temp_c in enumerate(temps):
+        hi = int(np.clip(np.searchsorted(tested, temp_c), 1, tested.size - 1))
+        lo = hi - 1
+        weight = (1.0 / (temp_c + KELVIN) - inverse_k[lo]) / (inverse_k[hi] - inverse_k[lo])
+        log_table = np.log(measured[lo]) * (1.0 - weight) + np.log(measured[hi]) * weight
+        table[t] = np.exp(log_table)
+    return soc_grid, temps, table

@@ -1,0 +1,154 @@
+"""``bms identify``: a parameter set from an OCV test and HPPC tests, with its provenance.
+
+Reads the test CSVs (``time_s,current_a,voltage_v,temp_c``, current positive when charging),
+fits them (bms/estimation/fitting.py), writes ``params.toml``, ``ocv.csv`` and
+``impedance.csv`` into the output directory, and loads the result back through the same
+checks the service uses, so a set that this command writes is one the BMS accepts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from bms.csvio import read_columns, write_columns
+from bms.estimation.cell_params import IMPEDANCE_COLUMNS, CellParams, load_cell_params
+from bms.estimation.fitting import HppcFit, OcvFit, TestData, fit_hppc, fit_ocv, impedance_grid
+
+TEST_COLUMNS = ("time_s", "current_a", "voltage_v", "temp_c")
+DEFAULT_EKF = {
+    "voltage_noise_v": 0.005,
+    "current_noise_a": None,  # 1 % of 1C, set from the capacity
+    "soc_random_walk_per_sqrt_h": 0.005,
+    "rc_random_walk_v_per_sqrt_s": 0.0005,
+    "initial_soc_std": 0.05,
+    "impedance_error_ratio": 0.1,
+}
+"""The EKF's noise model written into a new set: a starting point to tune (see the comments
+in the file it writes)."""
+
+
+def read_test(path: Path) -> TestData:
+    """One test's CSV as arrays (CsvError when it cannot be read)."""
+    columns = read_columns(path, TEST_COLUMNS)
+    return TestData(Path(path).name, *(columns[name] for name in TEST_COLUMNS))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def identify(
+    ocv_path: Path, hppc_paths: list[Path], out_dir: Path, name: str, force: bool = False
+) -> CellParams:
+    """Fit and write the set; raise CsvError or FitError for unusable data, FileExistsError
+    rather than overwrite a set without ``force``."""
+    out_dir = Path(out_dir)
+    if (out_dir / "params.toml").exists() and not force:
+        raise FileExistsError(f"{out_dir / 'params.toml'} exists (use --force to replace it)")
+    ocv = fit_ocv(read_test(ocv_path))
+    hppc = [fit_hppc(read_test(path), ocv) for path in hppc_paths]
+    soc_grid, temps, table = impedance_grid(hppc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_columns(
+        out_dir / "ocv.csv",
+        {
+            "temp_c": np.full(ocv.soc.size, ocv.temp_c),
+            "soc": ocv.soc,
+            "ocv_v": ocv.ocv_v,
+        },
+        {"temp_c": 1, "soc": 4, "ocv_v": 5},
+    )
+    grid_temp, grid_soc = np.meshgrid(temps, soc_grid, indexing="ij")
+    columns = {"temp_c": grid_temp.ravel(), "soc": grid_soc.ravel()}
+    columns |= {name: table[..., k].ravel() for k, name in enumerate(IMPEDANCE_COLUMNS)}
+    write_columns(
+        out_dir / "impedance.csv",
+        columns,
+        {"temp_c": 1, "soc": 2, "r0_ohm": 6, "r1_ohm": 6, "c1_f": 1, "r2_ohm": 6, "c2_f": 1},
+    )
+    sources = [("ocv", Path(ocv_path), ocv.temp_c)] + [
+        ("hppc", Path(path), fit.temp_c) for path, fit in zip(hppc_paths, hppc, strict=True)
+    ]
+    (out_dir / "params.toml").write_text(_params_toml(name, ocv, hppc, sources))
+    return load_cell_params(out_dir)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for everything we write
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _params_toml(
+    name: str, ocv: OcvFit, hppc: list[HppcFit], sources: list[tuple[str, Path, float]]
+) -> str:
+    ekf = dict(DEFAULT_EKF, current_noise_a=round(0.01 * ocv.capacity_ah, 4))
+    try:
+        version = metadata.version("pybms")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    lines = [
+        f"# Cell parameter set {name!r}, identified by `bms identify` (pybms {version}).",
+        "# Capacity and SOC come from the OCV test; the impedance tables from the pulse tests.",
+        "# The [ekf] section is a generic starting point: tune it to the sensors in use.",
+        "",
+        f"name = {_toml_value(name)}",
+        f"capacity_ah = {ocv.capacity_ah:.4f}",
+        f"voltage_max_v = {ocv.voltage_max_v}",
+        f"voltage_min_v = {ocv.voltage_min_v}",
+        'ocv_table = "ocv.csv"',
+        'impedance_table = "impedance.csv"',
+        "",
+        "[ekf]",
+        *(f"{key} = {_toml_value(value)}" for key, value in ekf.items()),
+        "",
+        "[provenance]",
+        'tool = "bms identify"',
+        f"pybms_version = {_toml_value(version)}",
+        f"created_utc = {_toml_value(_utc_now())}",
+        f"command = {_toml_value(' '.join(sys.argv))}",
+        f"ocv_test_temp_c = {ocv.temp_c}",
+        f"ocv_half_gap_v = {ocv.hysteresis_v:.5f}",
+        f"pulse_test_temps_c = {_toml_value([fit.temp_c for fit in hppc])}",
+        f"pulse_fit_rms_v = {_toml_value([round(fit.rms_v, 6) for fit in hppc])}",
+        f"pulses_per_test = {_toml_value([len(fit.pulses) for fit in hppc])}",
+    ]
+    for role, path, temp_c in sources:
+        lines += [
+            "",
+            "[[provenance.sources]]",
+            f"role = {_toml_value(role)}",
+            f"file = {_toml_value(path.name)}",
+            f"sha256 = {_toml_value(sha256_of(path))}",
+            f"temp_c = {temp_c}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe(cell: CellParams) -> str:
+    """A few lines for the person who ran the command."""
+    t = cell.tables
+    rms = ", ".join(f"{v * 1e3:.2f}" for v in cell.provenance["pulse_fit_rms_v"])
+    return (
+        f"{cell.name}: capacity {cell.capacity_ah:.3f} Ah, {cell.voltage_min_v:g}-"
+        f"{cell.voltage_max_v:g} V, OCV over {t.ocv_soc.size} SOC points at "
+        f"{cell.provenance['ocv_test_temp_c']:g} degC (charge/discharge half-gap "
+        f"{cell.provenance['ocv_half_gap_v'] * 1e3:.1f} mV), impedance over "
+        f"{t.imp_soc.size} SOC points x {t.imp_temp_c.size} temperatures "
+        f"({', '.join(f'{v:g}' for v in t.imp_temp_c)} degC), pulse fit rms {rms} mV"
+    )

@@ -1,0 +1,46 @@
+"""Characterisation tests of a known cell, made with the ECM itself: identification must give
+back the parameters it was made with."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bms.estimation import ecm
+from bms.estimation.cell_params import CellParams
+from bms.estimation.fitting import TestData
+
+
+def profile(steps: list[tuple[float, float]], dt_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Piecewise-constant current from (duration_s, current_a) steps, sampled every dt_s; each
+    step's samples start one dt into it (the sample on a boundary belongs to the old step)."""
+    times, currents = [0.0], [0.0]
+    for duration_s, current_a in steps:
+        n = max(round(duration_s / dt_s), 1)
+        times.extend(times[-1] + dt_s * np.arange(1, n + 1))
+        currents.extend([current_a] * n)
+    return np.array(times), np.array(currents)
+
+
+def run(cell: CellParams, name: str, soc0: float, time_s, current_a, temp_c) -> TestData:
+    dt_s = np.concatenate(([0.0], np.diff(time_s)))
+    temps = np.full(time_s.size, float(temp_c))
+    voltage_v, _ = ecm.simulate(cell.tables, cell.capacity_ah, soc0, current_a, temps, dt_s)
+    return TestData(name, time_s, current_a, voltage_v, temps)
+
+
+def ocv_test(cell: CellParams, temp_c: float = 25.0) -> TestData:
+    """C/20 from full to empty, 1 h rest, C/20 back to full, sampled every 60 s."""
+    c20_a = cell.capacity_ah / 20
+    steps = [(600, 0.0), (20 * 3600, -c20_a), (3600, 0.0), (20 * 3600, c20_a), (600, 0.0)]
+    return run(cell, "ocv", 1.0, *profile(steps, 60.0), temp_c)
+
+
+def hppc_test(cell: CellParams, temp_c: float, dt_s: float = 1.0) -> TestData:
+    """From full: at every 10 % of SOC, a 1C 30 s discharge pulse, 10 min rest, 0.75C 30 s
+    charge pulse, 10 min rest, then 10 % of capacity at C/2 and 1 h rest."""
+    one_c = cell.capacity_ah
+    steps = [(600, 0.0)]
+    for _ in range(9):
+        steps += [(30, -one_c), (600, 0.0), (30, 0.75 * one_c), (600, 0.0)]
+        steps += [(720, -0.5 * one_c), (3600, 0.0)]
+    return run(cell, f"hppc_{temp_c:g}C", 1.0, *profile(steps, dt_s), temp_c)
