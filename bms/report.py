@@ -32,10 +32,14 @@ def pack_summary(status: PackStatus) -> dict[str, Any]:
     t_min, _ = _extreme(m.cell_temp_c, np.nanargmin)
     t_max, _ = _extreme(m.cell_temp_c, np.nanargmax)
     any_soc = not np.isnan(soc).all()
+    power_charge_a, power_discharge_a = status.estimate.pack_limits_a(10.0)
     return {
         "soc_min": float(np.nanmin(soc)) if any_soc else math.nan,
         "soc_mean": float(np.nanmean(soc)) if any_soc else math.nan,
         "soc_max": float(np.nanmax(soc)) if any_soc else math.nan,
+        "soc_std_max": float(np.max(status.estimate.soc_std)),
+        "power_charge_10s_a": power_charge_a,
+        "power_discharge_10s_a": power_discharge_a,
         "cell_voltage_min_v": v_min,
         "cell_voltage_min_cell": v_min_cell,
         "cell_voltage_max_v": v_max,
@@ -98,7 +102,7 @@ def to_line(r: dict[str, Any]) -> str:
     return (
         f"t={r['t_s']:7.1f}s "
         f"SOC {_num(r['soc_min'] * 100, '.1f')}/{_num(r['soc_mean'] * 100, '.1f')}/"
-        f"{_num(r['soc_max'] * 100, '.1f')}% | "
+        f"{_num(r['soc_max'] * 100, '.1f')}% ±{_num(r['soc_std_max'] * 100, '.1f')} | "
         f"V {_num(r['cell_voltage_min_v'], '.3f')} (c{r['cell_voltage_min_cell'] or '-'})"
         f"..{_num(r['cell_voltage_max_v'], '.3f')} (c{r['cell_voltage_max_cell'] or '-'}) | "
         f"I {_num(r['current_a'], '+.2f')} A | "

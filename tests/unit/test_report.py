@@ -37,6 +37,17 @@ def test_record_reports_extremes_with_cell_numbers_counting_from_one():
     assert record["t_s"] == 2.346
 
 
+def test_record_carries_the_estimates_uncertainty_and_the_weakest_cells_power():
+    s = status([3.7, 3.6, 3.65], [0.5, 0.4, 0.45])
+    s.estimate.soc_std[1] = 0.03
+    s.estimate.discharge_limit_a[2, 1] = 42.0  # the 10 s column
+    s.estimate.charge_limit_a[0, 0] = 1.0  # the 2 s column: not reported
+    record = status_record(s, 0.0, 0.0, 0.0, 0)
+    assert record["soc_std_max"] == 0.03
+    assert (record["power_charge_10s_a"], record["power_discharge_10s_a"]) == (100.0, 42.0)
+    assert "% ±3.0 |" in to_line(record)
+
+
 def test_json_turns_nan_into_null_and_the_line_into_dashes():
     record = status_record(status([math.nan] * 3, [math.nan] * 3, (math.nan,)), 0.0, 0.0, 0.0, 0)
     decoded = json.loads(to_json(record))
