@@ -159,6 +159,7 @@ class ControlCycle:
             config.soc.rest_current_a,
             config.soc.rest_time_s,
             config.pack.n_parallel,
+            config.loop.period_s,
         )
         self.estimate: Estimate = self.estimator.unknown()
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)

@@ -4,7 +4,11 @@ Terminal voltage ``ocv(soc, T) + v_rc1_v + v_rc2_v + r0(soc, T) * current_a`` (c
 when charging). The tables are grids over SOC and temperature; lookups interpolate bilinearly and
 clamp at the grid's edges, so a cell outside the characterised range gets the nearest measured
 parameters rather than an extrapolation. Every function here is pure and compiled with
-``cache=True``; the EKF and state-of-power kernels build on them.
+``cache=True``; the EKF and state-of-power kernels build on them. The small lookups are inlined
+by Numba (``inline="always"``): left to LLVM they stay calls, and the EKF ran 1.6x slower.
+
+Numba's cache does not notice when a function this module provides changes under a caller in
+another module: after editing this file, delete ``bms/estimation/__pycache__/*.nb?``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class EcmTables(NamedTuple):
     impedance: np.ndarray
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _bracket(grid, x):
     """Index ``i`` and weight ``w`` so that x ~ grid[i] * (1 - w) + grid[i + 1] * w, clamped.
 
@@ -60,16 +64,24 @@ def _bracket(grid, x):
     return lo, (x - grid[lo]) / (grid[lo + 1] - grid[lo])
 
 
-@njit(cache=True)
-def ocv_and_slope(tables, soc, temp_c):
-    """Open-circuit voltage (V) and its slope dOCV/dSOC (V per unit SOC) at one point.
+@njit(cache=True, inline="always")
+def at_temperature(grid, temp_c):
+    """(lower row, upper row, weight) of ``temp_c`` in a temperature grid, clamped: found
+    once per cell and cycle, then used for every lookup at that temperature."""
+    i, w = _bracket(grid, temp_c)
+    return i, min(i + 1, grid.shape[0] - 1), w
+
+
+@njit(cache=True, inline="always")
+def ocv_at(tables, row, soc):
+    """Open-circuit voltage (V) and its slope dOCV/dSOC (V per unit SOC) at ``soc`` in the
+    OCV table's temperature ``row`` (from :func:`at_temperature`).
 
     The slope is that of the table segment the SOC falls in, and zero outside the table: the
     EKF then learns nothing about SOC from voltage there, which is the honest answer.
     """
     grid = tables.ocv_soc
-    it, wt = _bracket(tables.ocv_temp_c, temp_c)
-    jt = min(it + 1, tables.ocv_temp_c.shape[0] - 1)
+    it, jt, wt = row
     i, w = _bracket(grid, soc)
     lo = tables.ocv_v[it, i] * (1.0 - wt) + tables.ocv_v[jt, i] * wt
     hi = tables.ocv_v[it, i + 1] * (1.0 - wt) + tables.ocv_v[jt, i + 1] * wt
@@ -78,11 +90,20 @@ def ocv_and_slope(tables, soc, temp_c):
     return lo + (hi - lo) * w, slope
 
 
-@njit(cache=True)
-def impedance(tables, soc, temp_c, out):
-    """Write r0_ohm, r1_ohm, c1_f, r2_ohm, c2_f at (soc, temp_c) into ``out`` (5,)."""
-    it, wt = _bracket(tables.imp_temp_c, temp_c)
-    jt = min(it + 1, tables.imp_temp_c.shape[0] - 1)
+@njit(cache=True, inline="always")
+def _impedance_column(tables, row, i, j, w, k):
+    it, jt, wt = row
+    table = tables.impedance
+    low_t = table[it, i, k] * (1.0 - w) + table[it, j, k] * w
+    high_t = table[jt, i, k] * (1.0 - w) + table[jt, j, k] * w
+    return low_t * (1.0 - wt) + high_t * wt
+
+
+@njit(cache=True, inline="always")
+def impedance_at(tables, row, soc, out):
+    """Write r0_ohm, r1_ohm, c1_f, r2_ohm, c2_f at ``soc`` in the impedance table's
+    temperature ``row`` into ``out`` (5,)."""
+    it, jt, wt = row
     i, w = _bracket(tables.imp_soc, soc)
     j = min(i + 1, tables.imp_soc.shape[0] - 1)
     table = tables.impedance
@@ -90,6 +111,25 @@ def impedance(tables, soc, temp_c, out):
         low_t = table[it, i, k] * (1.0 - w) + table[it, j, k] * w
         high_t = table[jt, i, k] * (1.0 - w) + table[jt, j, k] * w
         out[k] = low_t * (1.0 - wt) + high_t * wt
+
+
+@njit(cache=True, inline="always")
+def r0_at(tables, row, soc):
+    """R0 alone (ohm), where the other four are not needed."""
+    i, w = _bracket(tables.imp_soc, soc)
+    return _impedance_column(tables, row, i, min(i + 1, tables.imp_soc.shape[0] - 1), w, R0)
+
+
+@njit(cache=True)
+def ocv_and_slope(tables, soc, temp_c):
+    """:func:`ocv_at` at a temperature in degC."""
+    return ocv_at(tables, at_temperature(tables.ocv_temp_c, temp_c), soc)
+
+
+@njit(cache=True)
+def impedance(tables, soc, temp_c, out):
+    """:func:`impedance_at` at a temperature in degC."""
+    impedance_at(tables, at_temperature(tables.imp_temp_c, temp_c), soc, out)
 
 
 @njit(cache=True)
@@ -123,8 +163,7 @@ def soc_from_ocv(tables, ocv_v, temp_c):
         return math.nan
     grid = tables.ocv_soc
     n = grid.shape[0]
-    it, wt = _bracket(tables.ocv_temp_c, temp_c)
-    jt = min(it + 1, tables.ocv_temp_c.shape[0] - 1)
+    it, jt, wt = at_temperature(tables.ocv_temp_c, temp_c)
     previous_v = tables.ocv_v[it, 0] * (1.0 - wt) + tables.ocv_v[jt, 0] * wt
     if ocv_v <= previous_v:
         return grid[0]
@@ -136,13 +175,13 @@ def soc_from_ocv(tables, ocv_v, temp_c):
     return grid[n - 1]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def rc_decay(r_ohm, c_f, dt_s):
     """Fraction of an RC pair's voltage left after ``dt_s``: exp(-dt / (R C))."""
     return math.exp(-dt_s / (r_ohm * c_f))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def step_current_a(previous_a, now_a):
     """The current taken as flowing between two samples: their mean (trapezoidal rule).
 

@@ -15,15 +15,18 @@ import math
 import numpy as np
 from numba import njit
 
+from bms.estimation.cell_params import EkfTuning
 from bms.estimation.ecm import (
     C1,
     C2,
-    R0,
     R1,
     R2,
     SECONDS_PER_HOUR,
-    impedance,
-    ocv_and_slope,
+    EcmTables,
+    at_temperature,
+    impedance_at,
+    ocv_at,
+    r0_at,
     rc_decay,
     step_current_a,
 )
@@ -54,12 +57,15 @@ def ekf_step(
 ):
     """Advance every cell by ``dt_s`` seconds and correct it with its measured voltage.
 
-    tables: EcmTables; tuning: EkfTuning. capacity_ah, previous_current_a, current_a (cell
+    tables, tuning: the fields of EcmTables and EkfTuning as plain tuples (a named tuple
+    costs microseconds per call just to type). capacity_ah, previous_current_a, current_a (cell
     currents, A, positive charging; the previous sample's and this one's), voltage_v, temp_c:
     (n_cells,). x: (n_cells, 3) and p: (n_cells, 3, 3), updated in place. Writes
     innovation_v (measured minus predicted voltage, NaN where the update was skipped) and
     innovation_std_v (its predicted standard deviation), both (n_cells,).
     """
+    tables = EcmTables(*tables)
+    tuning = EkfTuning(*tuning)
     z = np.empty(5)
     a = np.empty((3, 3))
     m = np.empty((3, 3))
@@ -73,8 +79,8 @@ def ekf_step(
     rc_walk_var = tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
     voltage_var = tuning.voltage_noise_v**2
     for c in range(x.shape[0]):
-        soc = x[c, 0]
-        impedance(tables, soc, temp_c[c], z)
+        imp_row = at_temperature(tables.imp_temp_c, temp_c[c])
+        impedance_at(tables, imp_row, x[c, 0], z)
         a1 = rc_decay(z[R1], z[C1], dt_s)
         a2 = rc_decay(z[R2], z[C2], dt_s)
         f[0] = 1.0
@@ -108,19 +114,17 @@ def ekf_step(
             continue
 
         # Update with the terminal voltage y = ocv(soc) + v1 + v2 + R0 i.
-        impedance(tables, x[c, 0], temp_c[c], z)
-        ocv, slope = ocv_and_slope(tables, x[c, 0], temp_c[c])
+        r0 = r0_at(tables, imp_row, x[c, 0])
+        ocv, slope = ocv_at(tables, at_temperature(tables.ocv_temp_c, temp_c[c]), x[c, 0])
         h[0] = slope
         h[1] = 1.0
         h[2] = 1.0
         # The model's own error grows with the voltage the impedance accounts for.
-        impedance_v = abs(z[R0] * current_a[c]) + abs(x[c, 1]) + abs(x[c, 2])
+        impedance_v = abs(r0 * current_a[c]) + abs(x[c, 1]) + abs(x[c, 2])
         noise_var = (
-            voltage_var
-            + z[R0] ** 2 * current_var
-            + (tuning.impedance_error_ratio * impedance_v) ** 2
+            voltage_var + r0**2 * current_var + (tuning.impedance_error_ratio * impedance_v) ** 2
         )
-        predicted_v = ocv + x[c, 1] + x[c, 2] + z[R0] * current_a[c]
+        predicted_v = ocv + x[c, 1] + x[c, 2] + r0 * current_a[c]
         innovation = voltage_v[c] - predicted_v
         s_var = noise_var
         for r in range(3):

@@ -25,6 +25,10 @@ INITIAL_RC_STD_V = 0.01
 """Polarisation we cannot rule out when a cell is first seen."""
 POWER_CAP_C_RATE = 20.0
 """State of power is not searched beyond this: no cell of ours carries more."""
+POWER_REFRESH_S = 0.1
+"""Every cell's state of power is recomputed at least this often. It moves with the
+polarisation over seconds, so a fast loop over a large pack spreads the cells over cycles
+rather than spend a millisecond per cycle on 1,000 cells."""
 
 
 class PackEstimator:
@@ -38,8 +42,17 @@ class PackEstimator:
         rest_current_a: float,
         rest_time_s: float,
         n_parallel: int = 1,
+        period_s: float = POWER_REFRESH_S,
     ):
+        """``period_s``: the loop's period; with it, the state of power of
+        ``n_cells * period_s / POWER_REFRESH_S`` cells (at least one) is updated per step."""
         self.cell = cell
+        self._tables = tuple(cell.tables)
+        self._tuning = tuple(cell.tuning)
+        self.power_cells_per_step = max(
+            1, min(n_cells, math.ceil(n_cells * period_s / POWER_REFRESH_S))
+        )
+        self._power_cursor = 0
         self.n_parallel = n_parallel
         self.rest_current_a = rest_current_a
         self.rest_time_s = rest_time_s
@@ -87,8 +100,8 @@ class PackEstimator:
         self._track_rest(cell_current_a, dt_s)
         current_a = np.full(self.x.shape[0], cell_current_a)
         ekf_step(
-            self.cell.tables,
-            self.cell.tuning,
+            self._tables,
+            self._tuning,
             self.capacity_ah,
             self.x,
             self.p,
@@ -103,8 +116,11 @@ class PackEstimator:
         self.previous_current_a = current_a
         started = self._initialise_from_ocv(cell_current_a, cell_voltage_v)
         self._innovation_v[started] = math.nan  # the update ran on a state now replaced
+        n_cells = self.x.shape[0]
+        # When cells (re)start, every cell's state of power is brought up to date at once.
+        count = n_cells if started.any() else self.power_cells_per_step
         power_limits(
-            self.cell.tables,
+            self._tables,
             self.capacity_ah,
             self.x,
             self.temp_c,
@@ -112,9 +128,12 @@ class PackEstimator:
             self.cell.voltage_max_v,
             POWER_CAP_C_RATE * self.cell.capacity_ah,
             self.durations_s,
+            self._power_cursor,
+            count,
             self._charge_a,
             self._discharge_a,
         )
+        self._power_cursor = (self._power_cursor + count) % n_cells
         unknown = ~self.known
         soc = np.clip(self.x[:, 0], 0.0, 1.0)
         soc[unknown] = math.nan

@@ -24,8 +24,10 @@ from bms.estimation.ecm import (
     R1,
     R2,
     SECONDS_PER_HOUR,
-    impedance,
-    ocv_and_slope,
+    EcmTables,
+    at_temperature,
+    impedance_at,
+    ocv_at,
     rc_decay,
 )
 
@@ -34,26 +36,32 @@ NEWTON_TOLERANCE_V = 1e-4
 
 
 @njit(cache=True)
-def _limit_at(tables, soc, temp_c, capacity_ah, v1, v2, z, duration_s, target_v, direction):
+def _limit_at(tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s, target_v, direction):
     """Largest current magnitude in ``direction`` (+1 charge, -1 discharge) that keeps the
     voltage on the safe side of ``target_v`` at the start and at the end of ``duration_s``.
-    Negative when even zero current crosses it. ``z`` (5,) is scratch space."""
+    Negative when even zero current crosses it.
+
+    rows: the (OCV, impedance) temperature rows; present: (6,) the impedance (5) and OCV at
+    the present SOC, found once per cell and reused by every duration and direction;
+    z: (5,) scratch space.
+    """
+    ocv_row, imp_row = rows
     soc_per_a = duration_s / (SECONDS_PER_HOUR * capacity_ah)
+    z[:] = present[:5]
     current = 0.0
-    for _ in range(NEWTON_STEPS):
+    for step in range(NEWTON_STEPS):
         soc_end = soc + current * soc_per_a
-        impedance(tables, soc_end, temp_c, z)
+        if step > 0:
+            impedance_at(tables, imp_row, soc_end, z)
+        ocv, slope = ocv_at(tables, ocv_row, soc_end)
         a1 = rc_decay(z[R1], z[C1], duration_s)
         a2 = rc_decay(z[R2], z[C2], duration_s)
         gain_ohm = z[R0] + z[R1] * (1.0 - a1) + z[R2] * (1.0 - a2)
-        ocv, slope = ocv_and_slope(tables, soc_end, temp_c)
         error_v = ocv + v1 * a1 + v2 * a2 + gain_ohm * current - target_v
         if abs(error_v) < NEWTON_TOLERANCE_V:
             break
         current -= error_v / (gain_ohm + slope * soc_per_a)
-    impedance(tables, soc, temp_c, z)
-    ocv_now, _ = ocv_and_slope(tables, soc, temp_c)
-    at_start = (target_v - ocv_now - v1 - v2) / z[R0]
+    at_start = (target_v - present[5] - v1 - v2) / present[R0]
     return min(direction * current, direction * at_start)
 
 
@@ -67,26 +75,40 @@ def power_limits(
     voltage_max_v,
     cap_a,
     durations_s,
+    first,
+    count,
     charge_limit_a,
     discharge_limit_a,
 ):
     """Largest constant charge and discharge current (A, positive magnitudes) per cell and
     duration that keeps the terminal voltage within [voltage_min_v, voltage_max_v].
 
-    capacity_ah, temp_c: (n_cells,); x: (n_cells, 3) EKF state; durations_s: (n_durations,).
-    Writes charge_limit_a and discharge_limit_a, (n_cells, n_durations); a cell already past a
-    limit gets 0 in that direction; no limit exceeds ``cap_a``.
+    tables: the fields of EcmTables as a plain tuple. capacity_ah, temp_c: (n_cells,);
+    x: (n_cells, 3) EKF state; durations_s: (n_durations,). Updates ``count`` cells from
+    ``first`` on (wrapping), so a large pack can spread the work over several cycles; writes
+    their rows of charge_limit_a and discharge_limit_a, (n_cells, n_durations). A cell
+    already past a limit gets 0 in that direction; no limit exceeds ``cap_a``.
     """
+    tables = EcmTables(*tables)
+    present = np.empty(6)
     z = np.empty(5)
-    for c in range(x.shape[0]):
+    n_cells = x.shape[0]
+    for m in range(min(count, n_cells)):
+        c = (first + m) % n_cells
         soc, v1, v2 = x[c, 0], x[c, 1], x[c, 2]
+        rows = (
+            at_temperature(tables.ocv_temp_c, temp_c[c]),
+            at_temperature(tables.imp_temp_c, temp_c[c]),
+        )
+        impedance_at(tables, rows[1], soc, present[:5])
+        present[5] = ocv_at(tables, rows[0], soc)[0]
         for d in range(durations_s.shape[0]):
             duration = durations_s[d]
             charge = _limit_at(
-                tables, soc, temp_c[c], capacity_ah[c], v1, v2, z, duration, voltage_max_v, 1.0
+                tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration, voltage_max_v, 1.0
             )
             discharge = _limit_at(
-                tables, soc, temp_c[c], capacity_ah[c], v1, v2, z, duration, voltage_min_v, -1.0
+                tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration, voltage_min_v, -1.0
             )
             charge_limit_a[c, d] = min(max(charge, 0.0), cap_a)
             discharge_limit_a[c, d] = min(max(discharge, 0.0), cap_a)

@@ -17,8 +17,8 @@ def run_ekf(cell, x, p, previous_a, current_a, voltage_v, temp_c, dt_s):
     n = x.shape[0]
     innovation, innovation_std = np.empty(n), np.empty(n)
     ekf_step(
-        cell.tables,
-        cell.tuning,
+        tuple(cell.tables),
+        tuple(cell.tuning),
         np.full(n, cell.capacity_ah),
         x,
         p,
@@ -179,7 +179,7 @@ def limits_for(cell, state, temp_c, durations=(2.0, 10.0, 30.0), cap_a=1000.0):
     n = x.shape[0]
     charge, discharge = np.empty((n, len(durations))), np.empty((n, len(durations)))
     power_limits(
-        cell.tables,
+        tuple(cell.tables),
         np.full(n, cell.capacity_ah),
         x,
         np.full(n, temp_c, dtype=float),
@@ -187,6 +187,8 @@ def limits_for(cell, state, temp_c, durations=(2.0, 10.0, 30.0), cap_a=1000.0):
         cell.voltage_max_v,
         cap_a,
         np.array(durations),
+        0,
+        n,
         charge,
         discharge,
     )

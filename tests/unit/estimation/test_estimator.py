@@ -93,3 +93,20 @@ def test_a_cell_far_from_its_model_is_flagged(linear):
     assert estimator_conditions(out, config) == {"cell_model_mismatch": True}
     out = est.step(0.0, np.array([3.45, math.nan]), np.array([25.0]), 0.1)
     assert estimator_conditions(out, config) == {"cell_model_mismatch": None}
+
+
+def test_a_fast_loop_spreads_the_state_of_power_over_cycles(linear):
+    """40 cells at 10 ms: 4 cells a step, so each is refreshed every 100 ms; a (re)start
+    refreshes them all at once."""
+    est = PackEstimator(linear, 40, 1, 0.5, 1800.0, period_s=0.01)
+    assert est.power_cells_per_step == 4
+    first = est.step(0.0, np.full(40, 3.45), np.array([25.0]), 0.01)
+    assert not np.isnan(first.discharge_limit_a).any()
+    for _ in range(3):
+        est.step(-10.0, np.full(40, 3.3), np.array([25.0]), 0.01)
+    out = est.step(-10.0, np.full(40, 3.3), np.array([25.0]), 0.01)
+    moved = np.any(out.discharge_limit_a != first.discharge_limit_a, axis=1)
+    assert moved.sum() == 16  # four steps after the start, four cells each
+    for _ in range(6):
+        out = est.step(-10.0, np.full(40, 3.3), np.array([25.0]), 0.01)
+    assert np.all(np.any(out.discharge_limit_a != first.discharge_limit_a, axis=1))
