@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="start here (0..1) instead of from the OCV of the first sample",
     )
+    replay.add_argument(
+        "--initial-soc-std",
+        type=float,
+        help="how uncertain that start is (default 0.3: a guess the voltage will correct)",
+    )
     replay.add_argument("--plot", type=Path, metavar="REPORT.png", help="also draw a report")
     return parser
 
@@ -219,6 +224,9 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.initial_soc is not None and not 0.0 <= args.initial_soc <= 1.0:
         parser.error("--initial-soc must lie in [0, 1]")
+    std = replay.GUESS_SOC_STD if args.initial_soc_std is None else args.initial_soc_std
+    if not 0.0 < std <= 1.0:
+        parser.error("--initial-soc-std must lie in (0, 1]")
     try:
         cell = load_cell_params(args.params)
         log = replay.read_log(args.input)
@@ -226,7 +234,7 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"bms replay: {exc}", file=sys.stderr)
         return app.EXIT_USAGE_ERROR
     warm_up(cell)
-    result = replay.replay(cell, log, args.initial_soc)
+    result = replay.replay(cell, log, args.initial_soc, std)
     replay.write_estimates(args.out, result)
     print(f"wrote {args.out}: {result.time_s.size} rows")
     scores = result.errors()

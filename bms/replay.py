@@ -69,17 +69,23 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
     return columns
 
 
+GUESS_SOC_STD = 0.3
+"""Uncertainty of a start SOC given by hand: a guess, which the voltage soon corrects."""
+
+
 def replay(
     cell: CellParams,
     log: dict[str, np.ndarray],
     initial_soc: float | None = None,
+    initial_soc_std: float = GUESS_SOC_STD,
     soc_config: SocConfig | None = None,
 ) -> Replay:
-    """Step the estimator over every row of ``log`` (see :func:`read_log`)."""
+    """Step the estimator over every row of ``log`` (see :func:`read_log`), from the OCV of
+    the first sample or from ``initial_soc`` with ``initial_soc_std``."""
     soc_config = soc_config or SocConfig()
     estimator = PackEstimator(cell, 1, 1, soc_config.rest_current_a, soc_config.rest_time_s)
     if initial_soc is not None:
-        estimator.set_soc(initial_soc)
+        estimator.set_soc(initial_soc, initial_soc_std)
     n = log["time_s"].size
     out = {name: np.empty(n) for name in OUTPUT_DIGITS if name != "time_s"}
     previous_t_s = log["time_s"][0]

@@ -2,8 +2,9 @@
 
 State per cell ``[soc, v_rc1_v, v_rc2_v]``. The prediction uses the measured ``dt_s`` and the
 mean current between the two samples; the update compares the measured terminal voltage with
-the model's. The 3×3 algebra is written out and the covariance is updated in Joseph form, so
-it stays symmetric positive definite whatever the gain. A cell whose voltage (or the current)
+the model's, and an update that moves the SOC far is iterated (an iterated EKF step).
+The 3×3 algebra is written out and the covariance is updated in Joseph form, so it stays
+symmetric positive definite whatever the gain. A cell whose voltage (or the current)
 is NaN skips the update: its uncertainty grows by the prediction alone, and its state is not
 touched by the bad reading.
 """
@@ -36,8 +37,22 @@ SOC_STATE_LIMITS = (-0.05, 1.05)
 empty is not biased by the clamp."""
 MAX_SOC_VARIANCE = 0.25
 """An SOC standard deviation of 0.5 says "unknown"; growing it further only risks overflow."""
+ITERATE_BEYOND_SOC = 0.01
+"""An update that moves the SOC further than this is iterated."""
+MAX_UPDATE_ITERATIONS = 8
+ITERATION_TOLERANCE_SOC = 1e-5
 UNKNOWN_CURRENT_C_RATE = 1.0
 """While the current is NaN the SOC may move by up to this C-rate (1 sigma) for all we know."""
+
+
+@njit(cache=True, inline="always")
+def _innovation_variance(p, h, noise_var, ph):
+    """H P H' + R for one cell's p (3, 3); leaves P H' in ``ph`` (3,)."""
+    s_var = noise_var
+    for r in range(3):
+        ph[r] = p[r, 0] * h[0] + p[r, 1] * h[1] + p[r, 2] * h[2]
+        s_var += h[r] * ph[r]
+    return s_var
 
 
 @njit(cache=True)
@@ -74,6 +89,8 @@ def ekf_step(
     h = np.empty(3)
     k = np.empty(3)
     ph = np.empty(3)
+    prior = np.empty(3)
+    point = np.empty(3)
     current_var = tuning.current_noise_a**2
     soc_walk_var = tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR
     rc_walk_var = tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
@@ -114,26 +131,47 @@ def ekf_step(
             continue
 
         # Update with the terminal voltage y = ocv(soc) + v1 + v2 + R0 i.
+        ocv_row = at_temperature(tables.ocv_temp_c, temp_c[c])
         r0 = r0_at(tables, imp_row, x[c, 0])
-        ocv, slope = ocv_at(tables, at_temperature(tables.ocv_temp_c, temp_c[c]), x[c, 0])
-        h[0] = slope
-        h[1] = 1.0
-        h[2] = 1.0
+        ocv, slope = ocv_at(tables, ocv_row, x[c, 0])
         # The model's own error grows with the voltage the impedance accounts for.
         impedance_v = abs(r0 * current_a[c]) + abs(x[c, 1]) + abs(x[c, 2])
         noise_var = (
             voltage_var + r0**2 * current_var + (tuning.impedance_error_ratio * impedance_v) ** 2
         )
-        predicted_v = ocv + x[c, 1] + x[c, 2] + r0 * current_a[c]
-        innovation = voltage_v[c] - predicted_v
-        s_var = noise_var
+        innovation = voltage_v[c] - (ocv + x[c, 1] + x[c, 2] + r0 * current_a[c])
         for r in range(3):
-            ph[r] = p[c, r, 0] * h[0] + p[c, r, 1] * h[1] + p[c, r, 2] * h[2]
-            s_var += h[r] * ph[r]
+            prior[r] = x[c, r]
+            point[r] = x[c, r]
+        # Iterated update (Gauss-Newton): when the update moves the SOC far (a start 30 % off,
+        # say), the OCV's slope at the prior is a poor guide to where it should go, so the
+        # measurement is linearised again about the updated state until it settles.
+        for iteration in range(MAX_UPDATE_ITERATIONS):
+            if iteration > 0:
+                r0 = r0_at(tables, imp_row, point[0])
+                ocv, slope = ocv_at(tables, ocv_row, point[0])
+            h[0] = slope
+            h[1] = 1.0
+            h[2] = 1.0
+            residual = voltage_v[c] - (ocv + point[1] + point[2] + r0 * current_a[c])
+            for r in range(3):
+                residual -= h[r] * (prior[r] - point[r])
+            s_var = _innovation_variance(p[c], h, noise_var, ph)
+            if iteration == 0:
+                innovation_v[c] = innovation
+                innovation_std_v[c] = math.sqrt(s_var)
+            moved = 0.0
+            for r in range(3):
+                k[r] = ph[r] / s_var
+                value = prior[r] + k[r] * residual
+                if r == 0:
+                    value = min(max(value, SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
+                    moved = abs(value - point[0])
+                point[r] = value
+            if moved < (ITERATE_BEYOND_SOC if iteration == 0 else ITERATION_TOLERANCE_SOC):
+                break
         for r in range(3):
-            k[r] = ph[r] / s_var
-            x[c, r] += k[r] * innovation
-        x[c, 0] = min(max(x[c, 0], SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
+            x[c, r] = point[r]
 
         # Joseph form: P = A P A' + K R K' with A = I - K H.
         for r in range(3):
@@ -148,5 +186,3 @@ def ekf_step(
                 value += k[r] * noise_var * k[s]
                 p[c, r, s] = value
                 p[c, s, r] = value
-        innovation_v[c] = innovation
-        innovation_std_v[c] = math.sqrt(s_var)

@@ -151,7 +151,12 @@ def fit_ocv(data: TestData) -> OcvFit:
             f"{data.name}: the discharge lasts {hours:.1f} h; an OCV test discharges at C/10 "
             "or slower (about 10 h or more)"
         )
-    voltage_max_v = float(np.round(data.voltage_v[: d0 + 1].max(), 2))
+    # The limits the test ran between: at the top, the rested start or the charger's
+    # constant-voltage tail (low current; a constant-current charge overshoots by its IR
+    # drop), at the bottom the discharge's cut-off.
+    low_current = np.abs(data.current_a) <= 0.5 * scale_a
+    top_v = data.voltage_v[low_current] if low_current.any() else data.voltage_v
+    voltage_max_v = float(np.round(top_v.max(), 2))
     voltage_min_v = float(np.round(v_dis.min(), 2))
     soc = np.linspace(0.0, 1.0, OCV_GRID_POINTS)
     soc_dis = 1.0 - (moved_ah[d0] - moved_ah[d0:d1]) / capacity_ah
@@ -322,6 +327,8 @@ def impedance_grid(
         steps = max(int(np.ceil((high - low) / temp_step_c)), 1)
         temps.extend(np.linspace(low, high, steps + 1)[1:])
     temps = np.round(np.array(temps), 2)
+    if tested.size == 1:
+        return soc_grid, temps, measured
     inverse_k = 1.0 / (tested + KELVIN)
     table = np.empty((temps.size, soc_grid.size, 5))
     for t, temp_c in enumerate(temps):

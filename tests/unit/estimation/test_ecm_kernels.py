@@ -233,3 +233,16 @@ def test_power_limits_know_the_cold_the_edges_and_the_cap(generic):
     charge, discharge = limits_for(generic, [0.0, -0.05, 0.0], 25.0)
     assert np.all(discharge == 0.0)
     assert np.all(limits_for(generic, [0.5, 0.0, 0.0], 25.0, cap_a=7.0)[0] == 7.0)
+
+
+def test_an_improbable_innovation_is_followed_to_where_the_ocv_puts_the_cell(generic):
+    """Believed at 0.65 +- 0.3, the rested cell reads the OCV of 0.95: the OCV curve bends
+    between the two, so a single linearised step stops short; the iterated one does not."""
+    x = np.array([[0.65, 0.0, 0.0]])
+    p = np.diag([0.09, 1e-6, 1e-6])[None].copy()
+    voltage = float(generic.ocv_at(0.95))
+    innovation, std = run_ekf(generic, x, p, [0.0], [0.0], [voltage], [25.0], 0.1)
+    assert innovation[0] == pytest.approx(voltage - float(generic.ocv_at(0.65)))
+    assert std[0] > 0.25  # reported against the prior's prediction
+    assert x[0, 0] == pytest.approx(0.95, abs=0.005)
+    assert np.linalg.eigvalsh(p[0]).min() > 0.0 and p[0, 0, 0] < 0.01**2
