@@ -81,16 +81,14 @@ def ekf_step(
     """
     tables = EcmTables(*tables)
     tuning = EkfTuning(*tuning)
-    z = np.empty(5)
-    a = np.empty((3, 3))
-    m = np.empty((3, 3))
-    f = np.empty(3)
-    b = np.empty(3)
-    h = np.empty(3)
-    k = np.empty(3)
-    ph = np.empty(3)
-    prior = np.empty(3)
-    point = np.empty(3)
+    # One allocation for all the scratch vectors: at a few dozen cells, ten small ones cost
+    # as much as the cells themselves.
+    work = np.empty(44)
+    z = work[0:5]
+    f, b, h, k = work[5:8], work[8:11], work[11:14], work[14:17]
+    ph, prior, point = work[17:20], work[20:23], work[23:26]
+    a = work[26:35].reshape((3, 3))
+    m = work[35:44].reshape((3, 3))
     current_var = tuning.current_noise_a**2
     soc_walk_var = tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR
     rc_walk_var = tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s

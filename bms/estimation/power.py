@@ -90,8 +90,8 @@ def power_limits(
     already past a limit gets 0 in that direction; no limit exceeds ``cap_a``.
     """
     tables = EcmTables(*tables)
-    present = np.empty(6)
-    z = np.empty(5)
+    work = np.empty(11)
+    present, z = work[0:6], work[6:11]
     n_cells = x.shape[0]
     for m in range(min(count, n_cells)):
         c = (first + m) % n_cells
