@@ -59,9 +59,8 @@ def estimator_conditions(estimate: Estimate, limits: ProtectionConfig) -> dict[s
     """A cell whose measured voltage is far from the model's prediction, in standard
     deviations of the prediction (unknown where the estimator skipped a cell)."""
     ratio = np.abs(estimate.innovation_v) / estimate.innovation_std_v
-    return {
-        "cell_model_mismatch": _exceeds(ratio, limits.innovation_limit_sigma, above=True),
-    }
+    beyond = _exceeds(ratio, limits.innovation_limit_sigma, above=True)
+    return {"cell_model_mismatch": None if beyond is None else bool(beyond)}
 
 
 def _in_mode(check: bool | None, mode_applies: bool | None) -> bool | None:

@@ -11,11 +11,13 @@ from bms.config import ProtectionConfig
 from bms.protection.limits import GRADED_QUANTITIES, GRADES, load_limit_set
 from bms.protection.plausibility import (
     StuckDetector,
+    estimator_conditions,
     graded_conditions,
     measurement_conditions,
 )
 from bms.types import Measurement
 from tests.conftest import REPO
+from tests.fakes import estimate_of
 
 LIMIT_FILE = REPO / "config" / "limits" / "nmc.toml"
 LIMITS = load_limit_set(LIMIT_FILE)
@@ -180,3 +182,20 @@ def test_stuck_detector_ignores_nan():
     for _ in range(10):
         stuck = detector.update(np.array([math.nan]), -5.0, 0.1)
     assert not stuck.any()
+
+
+def test_model_mismatch_counts_standard_deviations_either_way():
+    config = ProtectionConfig.model_construct(innovation_limit_sigma=6.0)
+
+    def mismatch(innovation_v, innovation_std_v):
+        estimate = estimate_of([0.5] * len(innovation_v))
+        estimate.innovation_v[:] = innovation_v
+        estimate.innovation_std_v[:] = innovation_std_v
+        return estimator_conditions(estimate, config)["cell_model_mismatch"]
+
+    assert mismatch([0.001, 0.06], [0.01, 0.01]) is False  # 6.0 sigma: at the limit, not past
+    assert mismatch([0.001, 0.0601], [0.01, 0.01]) is True
+    assert mismatch([-0.07, 0.0], [0.01, 0.01]) is True  # below the prediction counts too
+    assert mismatch([0.07, 0.0], [0.02, 0.01]) is False  # 3.5 sigma of a wider prediction
+    assert mismatch([np.nan, 0.0], [np.nan, 0.01]) is None  # a skipped cell may be the one
+    assert mismatch([np.nan, 0.09], [np.nan, 0.01]) is True
