@@ -160,6 +160,8 @@ class ControlCycle:
             config.soc.rest_time_s,
             config.pack.n_parallel,
             config.loop.period_s,
+            # Published limits must not lead the cells past their operating limits.
+            (config.limits.cell_voltage_low_v.mol, config.limits.cell_voltage_high_v.mol),
         )
         self.estimate: Estimate = self.estimator.unknown()
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)

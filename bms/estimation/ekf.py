@@ -42,7 +42,9 @@ ITERATE_BEYOND_SOC = 0.01
 MAX_UPDATE_ITERATIONS = 8
 ITERATION_TOLERANCE_SOC = 1e-5
 UNKNOWN_CURRENT_C_RATE = 1.0
-"""While the current is NaN the SOC may move by up to this C-rate (1 sigma) for all we know."""
+"""While the current is NaN, the SOC's standard deviation grows as if a current of this C-rate
+could have flowed for any share of the time: by sqrt(t / 1 h) at 1C, so 0.1 after 36 s and
+0.5 ("unknown", the cap) after 15 minutes, whatever the loop's rate."""
 
 
 @njit(cache=True, inline="always")
@@ -106,9 +108,11 @@ def ekf_step(
         b[2] = z[R2] * (1.0 - a2)
         i_step = step_current_a(previous_current_a[c], current_a[c])
         input_var = current_var
+        unknown_soc_var = 0.0
         if math.isnan(i_step):
             i_step = 0.0
             input_var = (UNKNOWN_CURRENT_C_RATE * capacity_ah[c]) ** 2
+            unknown_soc_var = UNKNOWN_CURRENT_C_RATE**2 * dt_s / SECONDS_PER_HOUR
 
         # Predict: x = F x + B i, P = F P F' + B var(i) B' + random walk.
         for r in range(3):
@@ -119,7 +123,7 @@ def ekf_step(
                 value = f[r] * p[c, r, s] * f[s] + b[r] * input_var * b[s]
                 p[c, r, s] = value
                 p[c, s, r] = value
-        p[c, 0, 0] = min(p[c, 0, 0] + soc_walk_var, MAX_SOC_VARIANCE)
+        p[c, 0, 0] = min(p[c, 0, 0] + soc_walk_var + unknown_soc_var, MAX_SOC_VARIANCE)
         p[c, 1, 1] += rc_walk_var
         p[c, 2, 2] += rc_walk_var
 

@@ -43,10 +43,17 @@ class PackEstimator:
         rest_time_s: float,
         n_parallel: int = 1,
         period_s: float = POWER_REFRESH_S,
+        voltage_window_v: tuple[float, float] | None = None,
     ):
         """``period_s``: the loop's period; with it, the state of power of
-        ``n_cells * period_s / POWER_REFRESH_S`` cells (at least one) is updated per step."""
+        ``n_cells * period_s / POWER_REFRESH_S`` cells (at least one) is updated per step.
+        ``voltage_window_v``: (low, high) cell voltage the state of power must keep to, such as
+        the limit set's operating limits; it is narrowed to the cell's own limits, which are
+        the default."""
         self.cell = cell
+        low_v, high_v = voltage_window_v or (cell.voltage_min_v, cell.voltage_max_v)
+        self.power_voltage_min_v = max(low_v, cell.voltage_min_v)
+        self.power_voltage_max_v = min(high_v, cell.voltage_max_v)
         self._tables = tuple(cell.tables)
         self._tuning = tuple(cell.tuning)
         self.power_cells_per_step = max(
@@ -124,8 +131,8 @@ class PackEstimator:
             self.capacity_ah,
             self.x,
             self.temp_c,
-            self.cell.voltage_min_v,
-            self.cell.voltage_max_v,
+            self.power_voltage_min_v,
+            self.power_voltage_max_v,
             POWER_CAP_C_RATE * self.cell.capacity_ah,
             self.durations_s,
             self._power_cursor,

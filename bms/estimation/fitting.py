@@ -305,9 +305,11 @@ def impedance_grid(
     pulse beyond). Returns soc (n_soc,), temp_c (n_temp,), impedance (n_temp, n_soc, 5).
 
     Between two tested temperatures, rows are added every ``temp_step_c``, interpolated as
-    Arrhenius does (log of each parameter linear in 1/T): resistance rises exponentially
-    into the cold, and the kernels' linear interpolation between rows far apart would
-    overstate it at every temperature in between.
+    Arrhenius does (log of each resistance and time constant linear in 1/T): resistance
+    rises exponentially into the cold, and the kernels' linear interpolation between rows far
+    apart would overstate it at every temperature in between. Time constants, not
+    capacitances, are interpolated (over SOC too): a capacitance is a ratio of what the fits
+    pin down, and interpolating it alone makes time constants that no fit produced.
     """
     fits = sorted(fits, key=lambda fit: fit.temp_c)
     tested = np.array([fit.temp_c for fit in fits])
@@ -320,21 +322,35 @@ def impedance_grid(
         order = np.argsort([p.soc for p in fit.pulses])
         pulses = [fit.pulses[i] for i in order]
         socs = np.array([p.soc for p in pulses])
-        for k, name in enumerate(("r0_ohm", "r1_ohm", "c1_f", "r2_ohm", "c2_f")):
-            measured[t, :, k] = np.interp(soc_grid, socs, [getattr(p, name) for p in pulses])
+        # Resistances and time constants are what the fits pin down; a capacitance is their
+        # ratio, and interpolating it separately makes time constants no fit produced.
+        for k, values in enumerate(
+            (
+                [p.r0_ohm for p in pulses],
+                [p.r1_ohm for p in pulses],
+                [p.r1_ohm * p.c1_f for p in pulses],
+                [p.r2_ohm for p in pulses],
+                [p.r2_ohm * p.c2_f for p in pulses],
+            )
+        ):
+            measured[t, :, k] = np.interp(soc_grid, socs, values)
     temps = [tested[0]]
     for low, high in itertools.pairwise(tested):
         steps = max(int(np.ceil((high - low) / temp_step_c)), 1)
         temps.extend(np.linspace(low, high, steps + 1)[1:])
     temps = np.round(np.array(temps), 2)
     if tested.size == 1:
-        return soc_grid, temps, measured
-    inverse_k = 1.0 / (tested + KELVIN)
-    table = np.empty((temps.size, soc_grid.size, 5))
-    for t, temp_c in enumerate(temps):
-        hi = int(np.clip(np.searchsorted(tested, temp_c), 1, tested.size - 1))
-        lo = hi - 1
-        weight = (1.0 / (temp_c + KELVIN) - inverse_k[lo]) / (inverse_k[hi] - inverse_k[lo])
-        log_table = np.log(measured[lo]) * (1.0 - weight) + np.log(measured[hi]) * weight
-        table[t] = np.exp(log_table)
+        table = measured
+    else:
+        inverse_k = 1.0 / (tested + KELVIN)
+        table = np.empty((temps.size, soc_grid.size, 5))
+        for t, temp_c in enumerate(temps):
+            hi = int(np.clip(np.searchsorted(tested, temp_c), 1, tested.size - 1))
+            lo = hi - 1
+            weight = (1.0 / (temp_c + KELVIN) - inverse_k[lo]) / (inverse_k[hi] - inverse_k[lo])
+            log_table = np.log(measured[lo]) * (1.0 - weight) + np.log(measured[hi]) * weight
+            table[t] = np.exp(log_table)
+    # Columns 2 and 4 hold the time constants so far: make them capacitances.
+    table[..., 2] /= table[..., 1]
+    table[..., 4] /= table[..., 3]
     return soc_grid, temps, table

@@ -8,8 +8,10 @@ terminal voltage in closed form::
 V rises monotonically with I, so the limit is the root of V = voltage_max_v (charge) or
 V = voltage_min_v (discharge), found by Newton's method on the piecewise-linear OCV. The
 voltage is checked at the start of the pulse (where only R0 acts, at the present SOC) and at
-its end, and the tighter of the two is the limit. At the end the impedance is taken at the SOC
-the pulse ends at: resistance rises towards empty, and the start's would promise too much.
+its end, and the tighter of the two is the limit. The closed form holds the impedance fixed
+over the pulse, but it changes with SOC (resistance rises towards empty; a fitted time
+constant may jump between table points), so the limit is solved with the impedance at the
+present SOC and again at the SOC the pulse ends at, and the smaller of the two is taken.
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ NEWTON_TOLERANCE_V = 1e-4
 
 
 @njit(cache=True)
-def _limit_at(tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s, target_v, direction):
+def _limit_at(
+    tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s, target_v, direction, moves
+):
     """Largest current magnitude in ``direction`` (+1 charge, -1 discharge) that keeps the
     voltage on the safe side of ``target_v`` at the start and at the end of ``duration_s``.
     Negative when even zero current crosses it.
 
     rows: the (OCV, impedance) temperature rows; present: (6,) the impedance (5) and OCV at
     the present SOC, found once per cell and reused by every duration and direction;
-    z: (5,) scratch space.
+    z: (5,) scratch space. moves: take the impedance at the SOC the pulse ends at (else the
+    present one) for the whole pulse.
     """
     ocv_row, imp_row = rows
     soc_per_a = duration_s / (SECONDS_PER_HOUR * capacity_ah)
@@ -51,7 +56,7 @@ def _limit_at(tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s, ta
     current = 0.0
     for step in range(NEWTON_STEPS):
         soc_end = soc + current * soc_per_a
-        if step > 0:
+        if moves and step > 0:
             impedance_at(tables, imp_row, soc_end, z)
         ocv, slope = ocv_at(tables, ocv_row, soc_end)
         a1 = rc_decay(z[R1], z[C1], duration_s)
@@ -104,11 +109,17 @@ def power_limits(
         present[5] = ocv_at(tables, rows[0], soc)[0]
         for d in range(durations_s.shape[0]):
             duration = durations_s[d]
-            charge = _limit_at(
-                tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration, voltage_max_v, 1.0
-            )
-            discharge = _limit_at(
-                tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration, voltage_min_v, -1.0
-            )
+            charge = discharge = np.inf
+            for moves in (True, False):
+                charge = min(
+                    charge,
+                    _limit_at(tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration,
+                              voltage_max_v, 1.0, moves),
+                )  # fmt: skip
+                discharge = min(
+                    discharge,
+                    _limit_at(tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration,
+                              voltage_min_v, -1.0, moves),
+                )  # fmt: skip
             charge_limit_a[c, d] = min(max(charge, 0.0), cap_a)
             discharge_limit_a[c, d] = min(max(discharge, 0.0), cap_a)

@@ -153,12 +153,21 @@ def test_a_nan_voltage_skips_the_update_and_grows_the_uncertainty(generic):
     assert math.isnan(e[0]) and math.isnan(s[0]) and not math.isnan(e[1])
     assert x[0, 0] == pytest.approx(0.5 - 5.0 / (3600.0 * 5.0))  # prediction only
     assert p[0, 0, 0] > 1e-4 > p[1, 0, 0]
-    # A NaN current: the SOC holds, the uncertainty grows by a 1C unknown current.
+
+
+@pytest.mark.parametrize("dt_s", [0.01, 0.1, 1.0])
+def test_an_unknown_current_makes_the_soc_unknown_within_minutes_at_any_rate(generic, dt_s):
+    """Without the current, the SOC holds its value but not its certainty: a 1C current could
+    have flowed, so its standard deviation grows like sqrt(t / 1 h) whatever the loop's rate."""
     x = np.array([[0.5, 0.0, 0.0]])
-    p = np.diag([1e-4, 1e-6, 1e-6])[None].copy()
-    run_ekf(generic, x, p, [math.nan], [math.nan], [3.74], [25.0], 10.0)
+    p = np.diag([1e-6, 1e-6, 1e-6])[None].copy()
+    for _ in range(round(36.0 / dt_s)):
+        run_ekf(generic, x, p, [math.nan], [math.nan], [3.74], [25.0], dt_s)
     assert x[0, 0] == 0.5
-    assert p[0, 0, 0] == pytest.approx(1e-4 + (10.0 / 3600.0) ** 2, rel=1e-3)
+    assert math.sqrt(p[0, 0, 0]) == pytest.approx(0.1, rel=0.02)  # sqrt(36 s / 3600 s)
+    for _ in range(round(1800.0 / dt_s)):
+        run_ekf(generic, x, p, [math.nan], [math.nan], [math.nan], [25.0], dt_s)
+    assert p[0, 0, 0] == pytest.approx(0.25)  # capped at "unknown"
 
 
 def test_cells_are_independent(generic):
@@ -213,10 +222,13 @@ def end_voltage(cell, soc, temp_c, current_a, duration_s):
 def test_power_limit_puts_the_cell_at_its_voltage_limit(generic, soc, temp_c):
     charge, discharge = limits_for(generic, [soc, 0.0, 0.0], temp_c)
     for d, duration in enumerate((2.0, 10.0, 30.0)):
+        # At the limit, never past it (3 mV for the fine-stepped reference); short of it by
+        # at most 15 mV, where the impedance changes over the pulse and the safer of the two
+        # solutions is taken.
         v = end_voltage(generic, soc, temp_c, -discharge[d], duration)
-        assert v.min() == pytest.approx(generic.voltage_min_v, abs=3e-3)
+        assert generic.voltage_min_v - 3e-3 < v.min() < generic.voltage_min_v + 15e-3
         v = end_voltage(generic, soc, temp_c, charge[d], duration)
-        assert v.max() == pytest.approx(generic.voltage_max_v, abs=3e-3)
+        assert generic.voltage_max_v - 15e-3 < v.max() < generic.voltage_max_v + 3e-3
     assert discharge[0] > discharge[1] > discharge[2] > 0.0
     assert charge[0] > charge[1] > charge[2] > 0.0
 
