@@ -212,6 +212,9 @@ def _identify(args: argparse.Namespace) -> int:
     except (CsvError, FitError, FileExistsError, CellParamsError) as exc:
         print(f"bms identify: {exc}", file=sys.stderr)
         return app.EXIT_USAGE_ERROR
+    except OSError as exc:
+        print(f"bms identify: cannot write {args.out}: {exc}", file=sys.stderr)
+        return app.EXIT_SETUP_FAILED
     print(f"wrote {args.out}: {describe(cell)}")
     return 0
 
@@ -227,6 +230,10 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     std = replay.GUESS_SOC_STD if args.initial_soc_std is None else args.initial_soc_std
     if not 0.0 < std <= 1.0:
         parser.error("--initial-soc-std must lie in (0, 1]")
+    for output in filter(None, (args.out, args.plot)):
+        if output.is_dir() or not output.parent.is_dir():
+            print(f"bms replay: cannot write {output}: no such directory", file=sys.stderr)
+            return app.EXIT_USAGE_ERROR
     try:
         cell = load_cell_params(args.params)
         log = replay.read_log(args.input)
@@ -235,7 +242,11 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return app.EXIT_USAGE_ERROR
     warm_up(cell)
     result = replay.replay(cell, log, args.initial_soc, std)
-    replay.write_estimates(args.out, result)
+    try:
+        replay.write_estimates(args.out, result)
+    except OSError as exc:
+        print(f"bms replay: cannot write {args.out}: {exc}", file=sys.stderr)
+        return app.EXIT_SETUP_FAILED
     print(f"wrote {args.out}: {result.time_s.size} rows")
     scores = result.errors()
     if scores is not None:
@@ -250,6 +261,9 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(
                 "bms replay: --plot needs matplotlib (pip install 'pybms[plot]')", file=sys.stderr
             )
+            return app.EXIT_SETUP_FAILED
+        except OSError as exc:
+            print(f"bms replay: cannot write {args.plot}: {exc}", file=sys.stderr)
             return app.EXIT_SETUP_FAILED
         print(f"wrote {args.plot}")
     return 0

@@ -29,8 +29,11 @@ def read_columns(
     path = Path(path)
     required = list(required)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+        # utf-8-sig: spreadsheets write a byte-order mark before the header.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            # (line number, cells); blank lines carry nothing and are skipped
+            rows = [(reader.line_num, row) for row in reader if row]
     except OSError as exc:
         raise CsvError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -39,7 +42,7 @@ def read_columns(
         raise CsvError(f"{path}: empty file (expected a header row)")
     if len(rows) < 2:
         raise CsvError(f"{path}: no data rows")
-    header = [name.strip() for name in rows[0]]
+    header = [name.strip() for name in rows[0][1]]
     missing = [name for name in required if name not in header]
     if missing:
         raise CsvError(
@@ -48,7 +51,7 @@ def read_columns(
     wanted = required + [name for name in optional if name in header]
     index = {name: header.index(name) for name in wanted}
     data = {name: np.empty(len(rows) - 1) for name in wanted}
-    for line, row in enumerate(rows[1:], start=2):
+    for k, (line, row) in enumerate(rows[1:]):
         for name, column in index.items():
             try:
                 value = float(row[column])
@@ -58,7 +61,7 @@ def read_columns(
                 raise CsvError(f"{path}:{line}: {name} is not a number: {row[column]!r}") from None
             if not math.isfinite(value):
                 raise CsvError(f"{path}:{line}: {name} is not finite: {row[column]!r}")
-            data[name][line - 2] = value
+            data[name][k] = value
     return data
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -47,15 +49,42 @@ def sha256_of(path: Path) -> str:
 def identify(
     ocv_path: Path, hppc_paths: list[Path], out_dir: Path, name: str, force: bool = False
 ) -> CellParams:
-    """Fit and write the set; raise CsvError or FitError for unusable data, FileExistsError
-    rather than overwrite a set without ``force``."""
+    """Fit and write the set; raise CsvError or FitError for unusable data, CellParamsError
+    for a set the service would refuse, FileExistsError rather than overwrite a set without
+    ``force``, OSError where the directory cannot be written.
+
+    The set is written and checked in a new directory beside ``out_dir`` and only then moved
+    into place, so a failure leaves whatever was there before untouched.
+    """
     out_dir = Path(out_dir)
-    if (out_dir / "params.toml").exists() and not force:
-        raise FileExistsError(f"{out_dir / 'params.toml'} exists (use --force to replace it)")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists (use --force to replace it)")
     ocv = fit_ocv(read_test(ocv_path))
     hppc = [fit_hppc(read_test(path), ocv) for path in hppc_paths]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_set(staging, name, ocv, hppc, ocv_path, hppc_paths)
+        load_cell_params(staging)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            out_dir.rename(retired / out_dir.name)
+            shutil.rmtree(retired)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_cell_params(out_dir)
+
+
+def _write_set(
+    out_dir: Path,
+    name: str,
+    ocv: OcvFit,
+    hppc: list[HppcFit],
+    ocv_path: Path,
+    hppc_paths: list[Path],
+) -> None:
     soc_grid, temps, table = impedance_grid(hppc)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_columns(
         out_dir / "ocv.csv",
         {
@@ -77,7 +106,6 @@ def identify(
         ("hppc", Path(path), fit.temp_c) for path, fit in zip(hppc_paths, hppc, strict=True)
     ]
     (out_dir / "params.toml").write_text(_params_toml(name, ocv, hppc, sources))
-    return load_cell_params(out_dir)
 
 
 def _toml_value(value) -> str:

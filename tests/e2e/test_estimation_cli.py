@@ -82,6 +82,26 @@ def test_identify_writes_a_set_the_bms_loads_with_its_provenance(tests_dir, iden
     assert again.returncode == 2 and "use --force" in again.stderr
 
 
+def test_a_failed_identify_leaves_the_set_it_would_replace_untouched(tests_dir, tmp_path):
+    good = tmp_path / "good"
+    proc = run_bms(
+        "identify", "--ocv", str(tests_dir / "ocv.csv"), "--hppc", str(tests_dir / "hppc_0C.csv"),
+        "--out", str(good),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    # A pulse test with too few pulses for the fit: refused even with --force.
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join((tests_dir / "hppc_0C.csv").read_text().splitlines()[:3000]))
+    proc = run_bms(
+        "identify", "--ocv", str(tests_dir / "ocv.csv"), "--hppc", str(short),
+        "--out", str(good), "--force",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "discharge pulse(s)" in proc.stderr
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "short.csv"]
+
+
 def test_identify_names_what_is_wrong_with_the_data(tests_dir, tmp_path):
     flipped = write_test(tmp_path / "ocv_flipped.csv", ocv_test(CELL), current_sign=-1.0)
     proc = run_bms(
@@ -90,7 +110,7 @@ def test_identify_names_what_is_wrong_with_the_data(tests_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "ocv_flipped.csv: the voltage rises while the current is negative" in proc.stderr
-    assert not (tmp_path / "set").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ocv_flipped.csv"]  # nothing half-made
     broken = tmp_path / "broken.csv"
     broken.write_text("time_s,current_a,voltage_v\n0,0,3.7\n")
     proc = run_bms(
@@ -169,3 +189,6 @@ def test_replay_refuses_bad_input(identified, tmp_path):
     assert proc.returncode == 2 and "--initial-soc must lie in [0, 1]" in proc.stderr
     proc = run_bms("replay", "--params", str(tmp_path), "--input", str(log), "--out", "x.csv")
     assert proc.returncode == 2 and "params.toml: cannot read" in proc.stderr
+    nowhere = tmp_path / "no" / "est.csv"
+    proc = run_bms("replay", "--params", str(out_dir), "--input", str(log), "--out", str(nowhere))
+    assert proc.returncode == 2 and "cannot write" in proc.stderr and "Traceback" not in proc.stderr

@@ -68,3 +68,15 @@ def test_broken_sets_name_the_file_and_the_problem(linear_dir, file, text, messa
 def test_absent_set_is_a_clear_error(tmp_path):
     with pytest.raises(CellParamsError, match="cannot read"):
         load_cell_params(tmp_path / "absent")
+
+
+def test_csv_from_a_spreadsheet_reads_and_errors_keep_their_line_numbers(tmp_path):
+    from bms.csvio import CsvError, read_columns
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftime_s,current_a\r\n0,1.5\r\n\r\n1,2.5\r\n\r\n".encode())
+    data = read_columns(path, ("time_s", "current_a"))
+    assert data["current_a"].tolist() == [1.5, 2.5]
+    path.write_text("time_s,current_a\n0,1.5\n\n1,x\n")
+    with pytest.raises(CsvError, match=r"excel.csv:4: current_a is not a number: 'x'"):
+        read_columns(path, ("time_s", "current_a"))
