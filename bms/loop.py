@@ -261,6 +261,7 @@ class ControlCycle:
         except Exception:
             self.errors.report("validate/estimate")
             conditions["internal_error"] = True
+            estimate = self.estimator.unknown()  # never publish the last cycle's as this one's
 
         # 4. protect
         try:

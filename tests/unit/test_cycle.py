@@ -254,3 +254,17 @@ def test_an_insulation_monitor_that_stays_invalid_opens_after_its_row_delay(cycl
     status = run(cycle, 15, t0_s=10.0)  # past the 10 s delay of config/sim.toml
     assert "insulation_invalid" in status.latched_faults
     assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_an_estimator_that_raises_publishes_no_stale_estimate(cycle, monkeypatch):
+    healthy = run(cycle, 10)
+    assert not np.isnan(healthy.soc).any()
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("bug")
+
+    monkeypatch.setattr(cycle.estimator, "step", broken)
+    status = run(cycle, 1, t0_s=1.0)
+    assert np.isnan(status.soc).all() and np.isnan(status.estimate.soc_std).all()
+    assert "internal_error" in status.latched_faults
+    assert status.charge_limit_a == 0.0 and status.discharge_limit_a == 0.0
