@@ -92,6 +92,9 @@ class Estimate:
     innovation_std_v: np.ndarray
     charge_limit_a: np.ndarray
     discharge_limit_a: np.ndarray
+    outside_model: np.ndarray
+    """Cells whose temperature is beyond the parameter set's by more than a margin: the
+    tables are clamped there, so their estimate and state of power are extrapolations."""
 
     def pack_limits_a(self, duration_s: float) -> tuple[float, float]:
         """(charge, discharge) current the weakest cell allows for ``duration_s`` (one of

@@ -94,4 +94,12 @@ def estimate_of(soc, soc_std: float = 0.01, limit_a: float = 100.0) -> Estimate:
     soc = np.asarray(soc, dtype=float)
     limits = np.full((soc.size, len(POWER_DURATIONS_S)), limit_a)
     nothing = np.full(soc.size, np.nan)
-    return Estimate(soc, np.full(soc.size, soc_std), nothing, nothing.copy(), limits, limits.copy())
+    return Estimate(
+        soc,
+        np.full(soc.size, soc_std),
+        nothing,
+        nothing.copy(),
+        limits,
+        limits.copy(),
+        np.zeros(soc.size, dtype=bool),
+    )

@@ -25,6 +25,9 @@ INITIAL_RC_STD_V = 0.01
 """Polarisation we cannot rule out when a cell is first seen."""
 POWER_CAP_C_RATE = 20.0
 """State of power is not searched beyond this: no cell of ours carries more."""
+MODEL_TEMP_MARGIN_C = 5.0
+"""How far beyond its coldest or hottest characterised temperature a cell may be before its
+estimate counts as outside the model."""
 POWER_REFRESH_S = 0.1
 """Every cell's state of power is recomputed at least this often. It moves with the
 polarisation over seconds, so a fast loop over a large pack spreads the cells over cycles
@@ -82,7 +85,9 @@ class PackEstimator:
         """The estimate before any cell has been seen: every value NaN."""
         cells = np.full(self.x.shape[0], math.nan)
         limits = np.full(self._charge_a.shape, math.nan)
-        return Estimate(cells, cells, cells, cells, limits, limits)
+        return Estimate(
+            cells, cells, cells, cells, limits, limits, np.zeros(cells.size, dtype=bool)
+        )
 
     def set_soc(self, soc: np.ndarray | float, soc_std: float | None = None) -> None:
         """Start every cell at ``soc`` (at rest), e.g. from a persisted state or the user."""
@@ -152,8 +157,18 @@ class PackEstimator:
         discharge_a[unknown] = math.nan
         innovation_v = self._innovation_v.copy()
         innovation_v[unknown] = math.nan
+        temps = self.cell.tables.imp_temp_c
+        outside = (self.temp_c < temps[0] - MODEL_TEMP_MARGIN_C) | (
+            self.temp_c > temps[-1] + MODEL_TEMP_MARGIN_C
+        )
         return Estimate(
-            soc, soc_std, innovation_v, self._innovation_std_v.copy(), charge_a, discharge_a
+            soc,
+            soc_std,
+            innovation_v,
+            self._innovation_std_v.copy(),
+            charge_a,
+            discharge_a,
+            outside,
         )
 
     def _update_temperatures(self, sensor_temp_c: np.ndarray) -> None:

@@ -139,6 +139,12 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         debounce_cycles=50,
     ),
     FaultSpec(
+        "temperature_outside_model",
+        Action.WARN,
+        "a cell is colder or hotter than its parameter set was characterised for (by more "
+        "than 5 degC): its SOC and state of power come from the nearest table row",
+    ),
+    FaultSpec(
         "latch_store_write_failed",
         Action.NO_CLOSE,
         "the latched faults could not be written to disk (retried every second)",

@@ -60,7 +60,10 @@ def estimator_conditions(estimate: Estimate, limits: ProtectionConfig) -> dict[s
     deviations of the prediction (unknown where the estimator skipped a cell)."""
     ratio = np.abs(estimate.innovation_v) / estimate.innovation_std_v
     beyond = _exceeds(ratio, limits.innovation_limit_sigma, above=True)
-    return {"cell_model_mismatch": None if beyond is None else bool(beyond)}
+    return {
+        "cell_model_mismatch": None if beyond is None else bool(beyond),
+        "temperature_outside_model": bool(estimate.outside_model.any()),
+    }
 
 
 def _in_mode(check: bool | None, mode_applies: bool | None) -> bool | None:

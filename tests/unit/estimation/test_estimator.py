@@ -87,11 +87,20 @@ def test_a_cell_far_from_its_model_is_flagged(linear):
     est = estimator(linear, n_cells=2)
     est.step(0.0, np.array([3.45, 3.45]), np.array([25.0]), 0.1)
     out = est.step(0.0, np.array([3.45, 3.45]), np.array([25.0]), 0.1)
-    assert estimator_conditions(out, config) == {"cell_model_mismatch": False}
+    assert estimator_conditions(out, config) == {
+        "cell_model_mismatch": False,
+        "temperature_outside_model": False,
+    }
     out = est.step(0.0, np.array([3.45, 3.95]), np.array([25.0]), 0.1)
-    assert estimator_conditions(out, config) == {"cell_model_mismatch": True}
+    assert estimator_conditions(out, config) == {
+        "cell_model_mismatch": True,
+        "temperature_outside_model": False,
+    }
     out = est.step(0.0, np.array([3.45, math.nan]), np.array([25.0]), 0.1)
-    assert estimator_conditions(out, config) == {"cell_model_mismatch": None}
+    assert estimator_conditions(out, config) == {
+        "cell_model_mismatch": None,
+        "temperature_outside_model": False,
+    }
 
 
 def test_a_fast_loop_spreads_the_state_of_power_over_cycles(linear):
@@ -132,3 +141,11 @@ def test_state_of_power_keeps_to_the_window_it_is_given(generic):
         PackEstimator(generic, 1, 1, 0.5, 1.0, voltage_window_v=(2.0, 5.0)).power_voltage_max_v
         == 4.2
     )
+
+
+def test_cells_beyond_the_tables_temperatures_are_marked(linear):
+    """The linear set covers 0-40 degC; 5 degC beyond is tolerated."""
+    est = estimator(linear, n_cells=4, n_temp_sensors=4)
+    out = est.step(0.0, np.full(4, 3.5), np.array([-4.9, -5.1, 45.0, 45.1]), 0.1)
+    assert out.outside_model.tolist() == [False, True, False, True]
+    assert not est.unknown().outside_model.any()

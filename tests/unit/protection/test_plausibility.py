@@ -191,7 +191,9 @@ def test_model_mismatch_counts_standard_deviations_either_way():
         estimate = estimate_of([0.5] * len(innovation_v))
         estimate.innovation_v[:] = innovation_v
         estimate.innovation_std_v[:] = innovation_std_v
-        return estimator_conditions(estimate, config)["cell_model_mismatch"]
+        conditions = estimator_conditions(estimate, config)
+        assert conditions["temperature_outside_model"] is False
+        return conditions["cell_model_mismatch"]
 
     assert mismatch([0.001, 0.06], [0.01, 0.01]) is False  # 6.0 sigma: at the limit, not past
     assert mismatch([0.001, 0.0601], [0.01, 0.01]) is True
@@ -199,3 +201,11 @@ def test_model_mismatch_counts_standard_deviations_either_way():
     assert mismatch([0.07, 0.0], [0.02, 0.01]) is False  # 3.5 sigma of a wider prediction
     assert mismatch([np.nan, 0.0], [np.nan, 0.01]) is None  # a skipped cell may be the one
     assert mismatch([np.nan, 0.09], [np.nan, 0.01]) is True
+
+
+def test_a_cell_outside_the_models_temperatures_is_reported():
+    config = ProtectionConfig.model_construct(innovation_limit_sigma=6.0)
+    estimate = estimate_of([0.5, 0.5, 0.5])
+    assert estimator_conditions(estimate, config)["temperature_outside_model"] is False
+    estimate.outside_model[2] = True
+    assert estimator_conditions(estimate, config)["temperature_outside_model"] is True
