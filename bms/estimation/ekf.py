@@ -58,6 +58,42 @@ def _innovation_variance(p, h, noise_var, ph):
 
 
 @njit(cache=True)
+def _iterated_update(
+    tables, imp_row, ocv_row, p, x, voltage_v, current_a, noise_var, h, k, ph, scratch
+):
+    """Gauss-Newton update of one cell, for a correction too large for one linearisation:
+    when the SOC moves far (a start 30 % off, say), the OCV's slope at the prior is a poor
+    guide to where it should go, so the measurement is linearised again about the updated
+    state until it settles. x (3,) is updated in place; h and k (3,) are left as the last
+    linearisation and gain, for the covariance update. scratch: (6,).
+    """
+    prior, point = scratch[0:3], scratch[3:6]
+    for r in range(3):
+        prior[r] = x[r]
+        point[r] = x[r]
+    for iteration in range(MAX_UPDATE_ITERATIONS):
+        r0 = r0_at(tables, imp_row, point[0])
+        ocv, slope = ocv_at(tables, ocv_row, point[0])
+        h[0] = slope
+        residual = voltage_v - (ocv + point[1] + point[2] + r0 * current_a)
+        for r in range(3):
+            residual -= h[r] * (prior[r] - point[r])
+        s_var = _innovation_variance(p, h, noise_var, ph)
+        moved = 0.0
+        for r in range(3):
+            k[r] = ph[r] / s_var
+            value = prior[r] + k[r] * residual
+            if r == 0:
+                value = min(max(value, SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
+                moved = abs(value - point[0])
+            point[r] = value
+        if iteration > 0 and moved < ITERATION_TOLERANCE_SOC:
+            break
+    for r in range(3):
+        x[r] = point[r]
+
+
+@njit(cache=True)
 def ekf_step(
     tables,
     tuning,
@@ -88,7 +124,7 @@ def ekf_step(
     work = np.empty(44)
     z = work[0:5]
     f, b, h, k = work[5:8], work[8:11], work[11:14], work[14:17]
-    ph, prior, point = work[17:20], work[20:23], work[23:26]
+    ph = work[17:20]
     a = work[26:35].reshape((3, 3))
     m = work[35:44].reshape((3, 3))
     current_var = tuning.current_noise_a**2
@@ -142,38 +178,23 @@ def ekf_step(
             voltage_var + r0**2 * current_var + (tuning.impedance_error_ratio * impedance_v) ** 2
         )
         innovation = voltage_v[c] - (ocv + x[c, 1] + x[c, 2] + r0 * current_a[c])
+        h[0] = slope
+        h[1] = 1.0
+        h[2] = 1.0
+        s_var = _innovation_variance(p[c], h, noise_var, ph)
+        innovation_v[c] = innovation
+        innovation_std_v[c] = math.sqrt(s_var)
         for r in range(3):
-            prior[r] = x[c, r]
-            point[r] = x[c, r]
-        # Iterated update (Gauss-Newton): when the update moves the SOC far (a start 30 % off,
-        # say), the OCV's slope at the prior is a poor guide to where it should go, so the
-        # measurement is linearised again about the updated state until it settles.
-        for iteration in range(MAX_UPDATE_ITERATIONS):
-            if iteration > 0:
-                r0 = r0_at(tables, imp_row, point[0])
-                ocv, slope = ocv_at(tables, ocv_row, point[0])
-            h[0] = slope
-            h[1] = 1.0
-            h[2] = 1.0
-            residual = voltage_v[c] - (ocv + point[1] + point[2] + r0 * current_a[c])
+            k[r] = ph[r] / s_var
+        if abs(k[0] * innovation) < ITERATE_BEYOND_SOC:
             for r in range(3):
-                residual -= h[r] * (prior[r] - point[r])
-            s_var = _innovation_variance(p[c], h, noise_var, ph)
-            if iteration == 0:
-                innovation_v[c] = innovation
-                innovation_std_v[c] = math.sqrt(s_var)
-            moved = 0.0
-            for r in range(3):
-                k[r] = ph[r] / s_var
-                value = prior[r] + k[r] * residual
-                if r == 0:
-                    value = min(max(value, SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
-                    moved = abs(value - point[0])
-                point[r] = value
-            if moved < (ITERATE_BEYOND_SOC if iteration == 0 else ITERATION_TOLERANCE_SOC):
-                break
-        for r in range(3):
-            x[c, r] = point[r]
+                x[c, r] += k[r] * innovation
+            x[c, 0] = min(max(x[c, 0], SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
+        else:
+            _iterated_update(
+                tables, imp_row, ocv_row, p[c], x[c], voltage_v[c], current_a[c], noise_var,
+                h, k, ph, work[20:26],
+            )  # fmt: skip
 
         # Joseph form: P = A P A' + K R K' with A = I - K H.
         for r in range(3):
