@@ -35,6 +35,8 @@ from bms.estimation.ecm import (
 
 NEWTON_STEPS = 6
 NEWTON_TOLERANCE_V = 1e-4
+SAME_IMPEDANCE = 0.01
+"""Relative change of every impedance parameter over a pulse below which one solve will do."""
 
 
 @njit(cache=True)
@@ -68,6 +70,33 @@ def _limit_at(
         current -= error_v / (gain_ohm + slope * soc_per_a)
     at_start = (target_v - present[5] - v1 - v2) / present[R0]
     return min(direction * current, direction * at_start)
+
+
+@njit(cache=True, inline="always")
+def _safer_limit(tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s, target_v, sign):
+    """:func:`_limit_at` with the impedance of the SOC the pulse ends at, and again with the
+    present one where the two differ by more than SAME_IMPEDANCE: the smaller limit."""
+    moving = _limit_at(
+        tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s, target_v, sign, True
+    )
+    for k in range(5):  # z now holds the end's impedance
+        if abs(z[k] - present[k]) > SAME_IMPEDANCE * present[k]:
+            fixed = _limit_at(
+                tables,
+                rows,
+                soc,
+                capacity_ah,
+                v1,
+                v2,
+                present,
+                z,
+                duration_s,
+                target_v,
+                sign,
+                False,
+            )
+            return min(moving, fixed)
+    return moving
 
 
 @njit(cache=True)
@@ -109,17 +138,13 @@ def power_limits(
         present[5] = ocv_at(tables, rows[0], soc)[0]
         for d in range(durations_s.shape[0]):
             duration = durations_s[d]
-            charge = discharge = np.inf
-            for moves in (True, False):
-                charge = min(
-                    charge,
-                    _limit_at(tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration,
-                              voltage_max_v, 1.0, moves),
-                )  # fmt: skip
-                discharge = min(
-                    discharge,
-                    _limit_at(tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration,
-                              voltage_min_v, -1.0, moves),
-                )  # fmt: skip
+            charge = _safer_limit(
+                tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration,
+                voltage_max_v, 1.0,
+            )  # fmt: skip
+            discharge = _safer_limit(
+                tables, rows, soc, capacity_ah[c], v1, v2, present, z, duration,
+                voltage_min_v, -1.0,
+            )  # fmt: skip
             charge_limit_a[c, d] = min(max(charge, 0.0), cap_a)
             discharge_limit_a[c, d] = min(max(discharge, 0.0), cap_a)
