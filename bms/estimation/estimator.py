@@ -82,12 +82,12 @@ class PackEstimator:
         self._discharge_a = np.zeros((n_cells, len(POWER_DURATIONS_S)))
 
     def unknown(self) -> Estimate:
-        """The estimate before any cell has been seen: every value NaN."""
-        cells = np.full(self.x.shape[0], math.nan)
-        limits = np.full(self._charge_a.shape, math.nan)
-        return Estimate(
-            cells, cells, cells, cells, limits, limits, np.zeros(cells.size, dtype=bool)
-        )
+        """The estimate before any cell has been seen: every value NaN (each field its own
+        array, so that no consumer's change to one shows in another)."""
+        n_cells = self.x.shape[0]
+        cells = [np.full(n_cells, math.nan) for _ in range(4)]
+        limits = [np.full(self._charge_a.shape, math.nan) for _ in range(2)]
+        return Estimate(*cells, *limits, np.zeros(n_cells, dtype=bool))
 
     def set_soc(self, soc: np.ndarray | float, soc_std: float | None = None) -> None:
         """Start every cell at ``soc`` (at rest), e.g. from a persisted state or the user."""
