@@ -35,6 +35,10 @@ class Measurement:
     link_voltage_v: float
     insulation_kohm: float = math.nan
     """Insulation resistance to chassis; NaN when there is no valid reading (or no monitor)."""
+    redundant_current_a: float = math.nan
+    """A second, independent measurement of the pack current (a front-end's own coulomb
+    counter beside the shunt monitor, say); NaN where there is none. Checked against
+    ``current_a`` by plausibility."""
     stale_groups: tuple[str, ...] = ()
     frame_errors: int = 0
 
