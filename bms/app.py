@@ -147,6 +147,41 @@ def run(
         return EXIT_OK if opened else EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
 
 
+def run_plant(
+    config: BmsConfig,
+    *,
+    injections: list[str] | None = None,
+    duration_s: float | None = None,
+    stop: StopRequest | None = None,
+) -> int:
+    """Run only the ``[sim]`` pack on the configured bus, for a BMS in another process (or
+    on another machine) to read: the two halves of ``bms sim`` apart, as on a real bus."""
+    stop = stop or StopRequest()
+    if config.sim is None:
+        log.error("%s: `bms plant` needs a [sim] section", config.source)
+        return EXIT_USAGE_ERROR
+    try:
+        sim = config.sim.cls(config, config.sim.options, list(injections or []))
+    except InjectionError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE_ERROR
+    except SETUP_ERRORS as exc:
+        log.error("cannot start the simulated pack: %s", exc)
+        return EXIT_SETUP_FAILED
+    try:
+        sim.start()
+    except SETUP_ERRORS as exc:
+        log.error("cannot start the simulated pack: %s", exc)
+        return EXIT_SETUP_FAILED
+    log.info("simulated pack running on %s", config.can.channel if config.can else "?")
+    try:
+        stop.event.wait(duration_s)
+    finally:
+        sim.stop()
+    log.info("simulated pack stopped (%s)", stop.reason or "duration reached")
+    return EXIT_OK
+
+
 class LineWriter:
     """Writes status lines from a thread of its own, so a slow or stalled reader of stdout
     never blocks the loop: when its bounded queue is full, lines are dropped and counted."""

@@ -1,4 +1,5 @@
-"""The ``bms`` command: ``run``, ``sim``, ``check-config``, ``faults``, ``identify``, ``replay``.
+"""The ``bms`` command: ``run``, ``sim``, ``plant``, ``check-config``, ``faults``, ``identify``,
+``replay``.
 
 Exit codes: 0 clean stop (contactors confirmed open), 1 contactors not confirmed open,
 2 configuration or usage error, 3 the configured hardware or files could not be opened,
@@ -71,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_loop_options(sim, DEFAULT_SIM_CONFIG)
     sim.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="KIND@T_S[:cell=N]",
+        help="inject a fault T_S seconds after start; cells count from 1; repeatable",
+    )
+
+    plant = commands.add_parser(
+        "plant",
+        help="run only the simulated pack on the configured bus (the BMS runs elsewhere)",
+        epilog=_fault_kinds_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plant.add_argument("--config", required=True, help="TOML config file with a [sim] section")
+    plant.add_argument(
+        "--duration-s", type=float, default=None, help="stop after this many seconds"
+    )
+    plant.add_argument(
         "--inject",
         action="append",
         default=[],
@@ -159,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "faults":
         return _faults(config, args.action, args.fault_ids)
-    if args.command == "sim" and config.sim is None:
-        print(f"{config.source}: `bms sim` needs a [sim] section", file=sys.stderr)
+    if args.command in ("sim", "plant") and config.sim is None:
+        print(f"{config.source}: `bms {args.command}` needs a [sim] section", file=sys.stderr)
         return app.EXIT_USAGE_ERROR
     stop = app.StopRequest()
     stop.install()
+    if args.command == "plant":
+        return app.run_plant(config, injections=args.inject, duration_s=args.duration_s, stop=stop)
     return app.run(
         config,
         simulate=args.command == "sim",

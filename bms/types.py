@@ -41,6 +41,9 @@ class Measurement:
     ``current_a`` by plausibility."""
     stale_groups: tuple[str, ...] = ()
     frame_errors: int = 0
+    frontend_faults: tuple[str, ...] = ()
+    """Diagnosis-table fault ids the front-end itself found this cycle (its bus is off, the
+    device reports a safety alert); each is present while it is listed."""
 
 
 @dataclass(frozen=True, slots=True)
