@@ -86,7 +86,7 @@ def test_diagnosis_rows_are_checked(make_config):
 def test_unknown_backend_is_an_error_with_the_known_names(make_config):
     (problem,) = problems_of(make_config({"frontend": {"backend": "cann"}}))
     assert "[frontend] backend: unknown backend 'cann' (did you mean 'can'?)" in problem
-    assert "known: can" in problem
+    assert "known: bq76952, can, jbd" in problem
 
 
 def test_missing_file_relative_to_the_config_is_named(make_config):
