@@ -19,7 +19,7 @@ from bms import backends
 from bms.protection.balancing import BalancingConfig
 from bms.protection.derating import DeratingConfig
 from bms.protection.diagnosis import DiagnosisConfig
-from bms.protection.limits import LimitSet, load_limit_set
+from bms.protection.limits import LimitSet
 from bms.schema import (
     ExistingPath,
     RelativePath,
@@ -33,6 +33,18 @@ from bms.schema import (
 
 class ConfigError(SchemaError):
     """A configuration that cannot be used; ``problems`` holds one line per problem."""
+
+
+class LimitSetError(SchemaError):
+    """A limit set that cannot be read or is inconsistent."""
+
+
+def load_limit_set(path: Path) -> LimitSet:
+    """Read and validate a limit set (config/limits/*.toml)."""
+    try:
+        return load_model(path, LimitSet)
+    except SchemaError as exc:
+        raise LimitSetError(exc.problems) from None
 
 
 class PackConfig(StrictModel):
@@ -76,6 +88,21 @@ class ControlConfig(StrictModel):
     relay_settle_s: float = Field(
         0.5, gt=0.0, le=10.0, description="time a relay's feedback gets to follow its command"
     )
+    precharge_min_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=60.0,
+        description="a link that charges faster has no precharge resistor in its path (a "
+        "hidden weld) or no capacitance (disconnected); none: not checked",
+    )
+    link_decay_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=3600.0,
+        description="after an opening the link must fall below link_decay_ratio of the pack "
+        "voltage within this time; none: not checked (a charger may hold the link up)",
+    )
+    link_decay_ratio: float = Field(0.5, gt=0.0, lt=1.0)
 
 
 class SocConfig(StrictModel):
@@ -103,6 +130,25 @@ class ProtectionConfig(StrictModel):
     interlock: bool = Field(False, description="the contactor box reports an HV interlock loop")
     innovation_limit_sigma: float = Field(
         6.0, gt=0.0, le=100.0, description="cell_model_mismatch beyond this many sigma"
+    )
+    redundant_current_tolerance_a: float | None = Field(
+        None,
+        gt=0.0,
+        le=10000.0,
+        description="none: the front-end has no second current sensor to check against",
+    )
+    redundant_current_tolerance_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="plus this fraction of the measured current"
+    )
+    charge_check_window_s: float = Field(
+        600.0, ge=10.0, le=86400.0, description="window of the current-against-SOC check"
+    )
+    charge_check_tolerance_a: float | None = Field(
+        None,
+        gt=0.0,
+        le=10000.0,
+        description="current_soc_mismatch when the SOC the cell voltages show implies a current "
+        "this far from the measured one, on average over the window; none: off",
     )
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from bms.protection.contactors import ContactorStateMachine
 from bms.protection.derating import CurrentLimiter
 from bms.protection.diagnosis import FAULTS, Action, Diagnosis
 from bms.protection.plausibility import (
+    ChargeCrossCheck,
     StuckDetector,
     estimator_conditions,
     graded_conditions,
@@ -119,16 +120,20 @@ class StageErrors:
         self.counts: dict[str, int] = {}
         self._logged_s: dict[str, float] = {}
 
-    def report(self, stage: str) -> None:
-        """Call from an ``except`` block."""
+    def report(self, stage: str, problem: str | None = None) -> None:
+        """Call from an ``except`` block, or with the ``problem`` described."""
         count = self.counts[stage] = self.counts.get(stage, 0) + 1
         now_s = self.clock()
         if count == 1:
-            log.exception("%s failed", stage)
+            if problem is None:
+                log.exception("%s failed", stage)
+            else:
+                log.error("%s failed: %s", stage, problem)
         elif now_s - self._logged_s[stage] < self.interval_s:
             return
         else:
-            log.error("%s failed %d times so far; latest: %s", stage, count, sys.exc_info()[1])
+            latest = problem if problem is not None else sys.exc_info()[1]
+            log.error("%s failed %d times so far; latest: %s", stage, count, latest)
         self._logged_s[stage] = now_s
 
 
@@ -165,6 +170,13 @@ class ControlCycle:
         )
         self.estimate: Estimate = self.estimator.unknown()
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
+        self.charge_check: ChargeCrossCheck | None = None
+        if protection.charge_check_tolerance_a is not None:
+            self.charge_check = ChargeCrossCheck(
+                protection.charge_check_window_s,
+                cell.capacity_ah * config.pack.n_parallel,
+                protection.charge_check_tolerance_a,
+            )
         self.latch_store = latch_store
         self.latch_records: dict[str, LatchRecord] = {}
         self._latches_unsaved = False
@@ -222,6 +234,7 @@ class ControlCycle:
         try:
             m = self.frontend.read(t_s)
             conditions["frontend_error"] = False
+            conditions.update(self._frontend_faults(m.frontend_faults))
         except Exception:
             self.errors.report("front-end read")
             conditions["frontend_error"] = True
@@ -258,6 +271,10 @@ class ControlCycle:
                 m.current_a, m.cell_voltage_v, m.cell_temp_c, dt_s
             )
             conditions.update(estimator_conditions(estimate, self.config.protection))
+            if self.charge_check is not None:
+                conditions["current_soc_mismatch"] = self.charge_check.update(
+                    m.current_a, estimate, dt_s
+                )
         except Exception:
             self.errors.report("validate/estimate")
             conditions["internal_error"] = True
@@ -352,6 +369,15 @@ class ControlCycle:
             except Exception:
                 self.errors.report("publish")
         return status
+
+    def _frontend_faults(self, fault_ids: tuple[str, ...]) -> dict[str, bool]:
+        """The faults a front-end reports itself; one the table does not know means the
+        front-end and the table disagree, which is a front-end error (fail safe)."""
+        unknown = [f for f in fault_ids if f not in FAULTS]
+        if unknown:
+            self.errors.report("front-end fault report", f"faults the table lacks: {unknown}")
+        found = dict.fromkeys((f for f in fault_ids if f in FAULTS), True)
+        return found | ({"frontend_error": True} if unknown else {})
 
     def _record_latches(self, fault_ids: tuple[str, ...]) -> None:
         for fault_id in fault_ids:

@@ -89,18 +89,20 @@ def describe_errors(
             is_section = len(loc) == 1 and _is_section(model, loc[0])
             message = f"required {'section' if is_section else 'option'} is missing"
         else:
-            message = error["msg"]
+            message = error["msg"].removeprefix("Value error, ")
             if "input" in error and not isinstance(error["input"], dict):
                 message += f" (got {error['input']!r})"
-        lines.append(f"{path}: {_where(model, prefix, loc)}: {message}")
+        where = _where(model, prefix, loc)
+        lines.append(f"{path}: {where}: {message}" if where else f"{path}: {message}")
     return lines
 
 
 def _where(model: type[BaseModel], prefix: tuple[str, ...], loc: tuple[str, ...]) -> str:
-    """``[section] option``, ``[section]`` for a whole section, or a top-level option name."""
+    """``[section] option``, ``[section]`` for a whole section, a top-level option name, or
+    nothing for a check across the whole file (its message names the options)."""
     full = prefix + loc
     if not full:
-        return "(top level)"
+        return ""
     if len(full) == 1:
         return f"[{full[0]}]" if _is_section(model, full[0]) else full[0]
     section = ".".join(part for part in full[:-1] if not part.isdigit())

@@ -102,6 +102,9 @@ class Estimate:
     outside_model: np.ndarray
     """Cells whose temperature is beyond the parameter set's by more than a margin: the
     tables are clamped there, so their estimate and state of power are extrapolations."""
+    restarted: np.ndarray
+    """Cells (re)started from their OCV this step (first seen, or after a long rest): their
+    SOC jumped for a reason other than current or a voltage correction."""
 
     def pack_limits_a(self, duration_s: float) -> tuple[float, float]:
         """(charge, discharge) current the weakest cell allows for ``duration_s`` (one of

@@ -27,6 +27,7 @@ class FakeFrontEnd(FrontEnd):
         self.n_temps = n_temps
         self.current_a = -1.0
         self.insulation_kohm = 5000.0
+        self.frontend_faults: tuple[str, ...] = ()
         self.error: Exception | None = None
         self.calls: list[str] = []
 
@@ -48,6 +49,7 @@ class FakeFrontEnd(FrontEnd):
             pack_v,
             pack_v,
             insulation_kohm=self.insulation_kohm,
+            frontend_faults=self.frontend_faults,
         )
 
     def close(self):
@@ -101,5 +103,6 @@ def estimate_of(soc, soc_std: float = 0.01, limit_a: float = 100.0) -> Estimate:
         nothing.copy(),
         limits,
         limits.copy(),
+        np.zeros(soc.size, dtype=bool),
         np.zeros(soc.size, dtype=bool),
     )

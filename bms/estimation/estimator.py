@@ -87,7 +87,9 @@ class PackEstimator:
         n_cells = self.x.shape[0]
         cells = [np.full(n_cells, math.nan) for _ in range(4)]
         limits = [np.full(self._charge_a.shape, math.nan) for _ in range(2)]
-        return Estimate(*cells, *limits, np.zeros(n_cells, dtype=bool))
+        return Estimate(
+            *cells, *limits, np.zeros(n_cells, dtype=bool), np.zeros(n_cells, dtype=bool)
+        )
 
     def set_soc(self, soc: np.ndarray | float, soc_std: float | None = None) -> None:
         """Start every cell at ``soc`` (at rest), e.g. from a persisted state or the user."""
@@ -169,6 +171,7 @@ class PackEstimator:
             charge_a,
             discharge_a,
             outside,
+            started,
         )
 
     def _update_temperatures(self, sensor_temp_c: np.ndarray) -> None:

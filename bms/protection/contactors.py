@@ -7,8 +7,13 @@ pack voltage (within ``precharge_timeout_s``), close the positive contactor, the
 precharge relay. A precharge starts only when nothing forbids a close and aborts as soon as
 something does. Every step waits for the feedback to confirm the command (``relay_settle_s``).
 Opening opens everything and watches the feedback: a contactor still closed after
-``relay_settle_s`` is a weld. The faults it finds are reported every cycle after
-they are found, so the diagnosis table debounces and latches them like any other.
+``relay_settle_s`` is a weld. Two optional checks look past the feedback, whose auxiliary
+contact can fail too: a link that charges in less than ``precharge_min_s`` had no precharge
+resistor in its path (a welded positive contactor) or no capacitance (a disconnected load),
+and a link still above ``link_decay_ratio`` of the pack voltage ``link_decay_s`` after an
+opening is held up by a closed contact (or by a source on the link: a charger, so both are
+off by default). The faults it finds are reported every cycle after they are found, so the
+diagnosis table debounces and latches them like any other.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class ContactorStateMachine:
         self.faults: set[str] = set()
         self._step = _Step.CHARGE_LINK
         self._since_s: float | None = None
+        self._link_was_charged = False
+        self._watch_link_decay = False
 
     def step(
         self,
@@ -78,10 +85,17 @@ class ContactorStateMachine:
                 # Nothing was commanded closed: a closed contact here is welded (or wired wrong).
                 self.faults.add("contactor_weld")
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
+            elif self._link_held_up(in_state_s, pack_voltage_v, link_voltage_v):
+                self.faults.add("link_voltage_held")
+                self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
             elif open_now:
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
             elif close_requested and not no_close and follows:
                 self._step = _Step.CHARGE_LINK
+                # A link already at pack voltage (a charger holds it) may "precharge" at once.
+                self._link_was_charged = _balanced(
+                    link_voltage_v, pack_voltage_v, self.config.precharge_ratio
+                )
                 self._enter(ContactorState.PRECHARGE, t_s, PRECHARGING)
 
         elif state is ContactorState.PRECHARGE:
@@ -94,8 +108,12 @@ class ContactorStateMachine:
                 if follows and _balanced(
                     link_voltage_v, pack_voltage_v, self.config.precharge_ratio
                 ):
-                    self._step = _Step.CLOSE_POSITIVE
-                    self._enter(ContactorState.PRECHARGE, t_s, BRIDGING)
+                    if self._too_fast(in_state_s):
+                        self.faults.add("precharge_too_fast")
+                        self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
+                    else:
+                        self._step = _Step.CLOSE_POSITIVE
+                        self._enter(ContactorState.PRECHARGE, t_s, BRIDGING)
                 elif in_state_s >= self.config.precharge_timeout_s:
                     self.faults.add("precharge_failed")
                     self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
@@ -117,15 +135,30 @@ class ContactorStateMachine:
             if feedback.valid and not feedback.relays.any_closed:
                 latched = open_now or bool(self.faults)
                 self._enter(ContactorState.FAULT if latched else ContactorState.OPEN, t_s, ALL_OPEN)
+                self._watch_link_decay = self.config.link_decay_s is not None
             elif in_state_s >= settle_s:
                 unconfirmed = "contactor_weld" if feedback.valid else "contactor_open_unconfirmed"
                 self.faults.add(unconfirmed)
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
 
-        elif state is ContactorState.FAULT and feedback.valid and feedback.relays.any_closed:
-            self.faults.add("contactor_weld")
+        else:  # FAULT
+            if feedback.valid and feedback.relays.any_closed:
+                self.faults.add("contactor_weld")
+            if self._link_held_up(in_state_s, pack_voltage_v, link_voltage_v):
+                self.faults.add("link_voltage_held")
 
         return ContactorOutput(self.state, self.command, frozenset(self.faults))
+
+    def _too_fast(self, in_state_s: float) -> bool:
+        minimum_s = self.config.precharge_min_s
+        return minimum_s is not None and in_state_s < minimum_s and not self._link_was_charged
+
+    def _link_held_up(self, in_state_s: float, pack_voltage_v: float, link_voltage_v: float):
+        """Once, ``link_decay_s`` after an opening: is the link still charged?"""
+        if not self._watch_link_decay or in_state_s < self.config.link_decay_s:
+            return False
+        self._watch_link_decay = False
+        return link_voltage_v > self.config.link_decay_ratio * pack_voltage_v
 
     def _enter(self, state: ContactorState, t_s: float, command: RelayStates) -> None:
         self.state = state

@@ -3,7 +3,9 @@
 Each limit starts from the pack's operating maximum (the MOL of the current, times the cells in
 parallel) and is scaled by the smallest of several factors in [0, 1], each falling linearly
 from 1 at a quantity's MOL to 0 at its RSL: temperature (the charge or discharge limits), cell
-voltage headroom (highest cell for charge, lowest for discharge) and SOC near full or empty.
+voltage headroom (highest cell for charge, lowest for discharge), the spread of temperatures and
+of cell voltages (both directions), and SOC near full or empty. So every row whose action is
+to derate (each quantity's MOL) has its taper here.
 It is then capped by the estimator's state of power: the current the weakest cell can carry
 for ``power_duration_s`` without leaving its voltage limits.
 A missing input (NaN) gives a factor of 0: when in doubt, no current. The published limit falls
@@ -79,6 +81,21 @@ def _lowest(values: np.ndarray) -> float:
     return float(np.min(values))
 
 
+def spread_factors(
+    cell_voltage_v: np.ndarray, cell_temp_c: np.ndarray, limits: LimitSet
+) -> dict[str, float]:
+    """A wide spread of temperatures or cell voltages (a weak or hot cell) limits both
+    directions; these are the tapers of the spread rows' MOL (derate) and RSL."""
+    return {
+        "temp_spread": taper_upper(
+            _highest(cell_temp_c) - _lowest(cell_temp_c), limits.temp_spread_c
+        ),
+        "cell_voltage_spread": taper_upper(
+            _highest(cell_voltage_v) - _lowest(cell_voltage_v), limits.cell_voltage_spread_v
+        ),
+    }
+
+
 def charge_factors(
     cell_voltage_v: np.ndarray,
     cell_temp_c: np.ndarray,
@@ -92,6 +109,7 @@ def charge_factors(
         "temp_low": taper_lower(_lowest(cell_temp_c), limits.temp_low_charge_c),
         "cell_voltage": taper_upper(_highest(cell_voltage_v), limits.cell_voltage_high_v),
         "soc": _taper_soc(_highest(soc), config.soc_charge_taper_start, 1.0),
+        **spread_factors(cell_voltage_v, cell_temp_c, limits),
     }
 
 
@@ -108,6 +126,7 @@ def discharge_factors(
         "temp_low": taper_lower(_lowest(cell_temp_c), limits.temp_low_discharge_c),
         "cell_voltage": taper_lower(_lowest(cell_voltage_v), limits.cell_voltage_low_v),
         "soc": _taper_soc(_lowest(soc), config.soc_discharge_taper_start, 0.0),
+        **spread_factors(cell_voltage_v, cell_temp_c, limits),
     }
 
 

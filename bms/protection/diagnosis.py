@@ -94,6 +94,25 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
     FaultSpec("short_circuit", Action.OPEN_NOW, "current above short_circuit_current_a"),
     FaultSpec("current_invalid", Action.OPEN_AFTER_DELAY, "the pack current is missing or NaN"),
     FaultSpec(
+        "current_mismatch",
+        Action.OPEN_AFTER_DELAY,
+        "the two current sensors disagree by more than redundant_current_tolerance_a (and "
+        "its fraction of the current): one of them is wrong, and we cannot tell which",
+    ),
+    FaultSpec(
+        "current_redundant_invalid",
+        Action.WARN,
+        "the second current sensor gives no valid reading; the first is no longer checked",
+    ),
+    FaultSpec(
+        "current_soc_mismatch",
+        Action.WARN,
+        "over charge_check_window_s the SOC the cell voltages show moved unlike the charge the "
+        "current sensor counted, by more than charge_check_tolerance_a on average (current "
+        "sensor offset or gain error, or a wrong capacity)",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
         "frontend_timeout", Action.OPEN_AFTER_DELAY, "front-end messages older than their timeout"
     ),
     FaultSpec("frontend_error", Action.OPEN_AFTER_DELAY, "the front-end failed to read"),
@@ -178,6 +197,19 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         "precharge_failed",
         Action.OPEN_NOW,
         "the DC link did not reach precharge_ratio of the pack voltage in time",
+    ),
+    FaultSpec(
+        "precharge_too_fast",
+        Action.OPEN_NOW,
+        "the DC link charged in less than precharge_min_s: no precharge resistor in its path "
+        "(a welded positive contactor) or no capacitance on it (the load is disconnected)",
+    ),
+    FaultSpec(
+        "link_voltage_held",
+        Action.OPEN_NOW,
+        "link_decay_s after the contactors opened, the DC link is still above "
+        "link_decay_ratio of the pack voltage (a welded contact the feedback does not show, "
+        "or a source such as a charger on the link)",
     ),
 )
 

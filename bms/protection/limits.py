@@ -13,27 +13,25 @@ per cell (a pack with parallel cells multiplies them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from bms.schema import SchemaError, StrictModel, load_model
+from bms.schema import StrictModel
 
 GRADES = ("mol", "rsl", "msl")
 
-PLAUSIBLE_RANGES = (
-    ("cell_voltage_high_v", 0.5, 6.0),
-    ("cell_voltage_low_v", 0.5, 6.0),
-    ("temp_high_charge_c", -40.0, 120.0),
-    ("temp_low_charge_c", -40.0, 120.0),
-    ("temp_high_discharge_c", -40.0, 120.0),
-    ("temp_low_discharge_c", -40.0, 120.0),
-    ("charge_current_a", 0.001, 10000.0),
-    ("discharge_current_a", 0.001, 10000.0),
-    ("temp_spread_c", 0.1, 100.0),
-    ("cell_voltage_spread_v", 0.001, 5.0),
-)
-"""Where a limit of a real cell can lie at all; outside is a typo (a unit mix-up, say)."""
+
+@dataclass(frozen=True, slots=True)
+class GradedQuantity:
+    """How a quantity of the limit set reads as a fault id and for a person, and where a
+    limit of a real cell can lie at all (outside is a typo: a unit mix-up, say)."""
+
+    fault_prefix: str  # fault ids are f"{fault_prefix}_{grade}"
+    label: str
+    plausible_min: float
+    plausible_max: float
+    field: str = ""  # the LimitSet field, with its unit; filled in from the model below
 
 
 class UpperGrades(StrictModel):
@@ -64,21 +62,55 @@ class LowerGrades(StrictModel):
         return self
 
 
+_TEMP_C = (-40.0, 120.0)
+_CURRENT_A = (0.001, 10000.0)
+_CELL_V = (0.5, 6.0)
+
+
 class LimitSet(StrictModel):
-    """The graded limits of one cell chemistry."""
+    """The graded limits of one cell chemistry; each quantity is declared once, here."""
 
     name: str = Field(min_length=1)
     description: str = ""
-    cell_voltage_high_v: UpperGrades
-    cell_voltage_low_v: LowerGrades
-    temp_high_charge_c: UpperGrades
-    temp_low_charge_c: LowerGrades
-    temp_high_discharge_c: UpperGrades
-    temp_low_discharge_c: LowerGrades
-    charge_current_a: UpperGrades
-    discharge_current_a: UpperGrades
-    temp_spread_c: UpperGrades
-    cell_voltage_spread_v: UpperGrades
+    cell_voltage_high_v: Annotated[
+        UpperGrades, GradedQuantity("cell_voltage_high", "highest cell voltage", *_CELL_V)
+    ]
+    cell_voltage_low_v: Annotated[
+        LowerGrades, GradedQuantity("cell_voltage_low", "lowest cell voltage", *_CELL_V)
+    ]
+    temp_high_charge_c: Annotated[
+        UpperGrades,
+        GradedQuantity("temp_high_charge", "highest temperature while charging", *_TEMP_C),
+    ]
+    temp_low_charge_c: Annotated[
+        LowerGrades,
+        GradedQuantity("temp_low_charge", "lowest temperature while charging", *_TEMP_C),
+    ]
+    temp_high_discharge_c: Annotated[
+        UpperGrades,
+        GradedQuantity(
+            "temp_high_discharge", "highest temperature while discharging or at rest", *_TEMP_C
+        ),
+    ]
+    temp_low_discharge_c: Annotated[
+        LowerGrades,
+        GradedQuantity(
+            "temp_low_discharge", "lowest temperature while discharging or at rest", *_TEMP_C
+        ),
+    ]
+    charge_current_a: Annotated[
+        UpperGrades, GradedQuantity("charge_current", "charge current per cell", *_CURRENT_A)
+    ]
+    discharge_current_a: Annotated[
+        UpperGrades,
+        GradedQuantity("discharge_current", "discharge current per cell", *_CURRENT_A),
+    ]
+    temp_spread_c: Annotated[
+        UpperGrades, GradedQuantity("temp_spread", "temperature spread", 0.1, 100.0)
+    ]
+    cell_voltage_spread_v: Annotated[
+        UpperGrades, GradedQuantity("cell_voltage_spread", "cell voltage spread", 0.001, 5.0)
+    ]
 
     @model_validator(mode="after")
     def _consistent(self) -> LimitSet:
@@ -90,54 +122,32 @@ class LimitSet(StrictModel):
             high = getattr(self, f"temp_high_{mode}_c")
             if low.mol >= high.mol:
                 problems.append(f"temp_low_{mode}_c.mol must be below temp_high_{mode}_c.mol")
-        for name, low, high in PLAUSIBLE_RANGES:
-            grades = getattr(self, name)
+        for quantity in GRADED_QUANTITIES:
+            grades = getattr(self, quantity.field)
             for grade in GRADES:
                 value = getattr(grades, grade)
-                if not low <= value <= high:
-                    problems.append(f"{name}.{grade} = {value:g} is outside {low:g}..{high:g}")
+                if not quantity.plausible_min <= value <= quantity.plausible_max:
+                    problems.append(
+                        f"{quantity.field}.{grade} = {value:g} is outside "
+                        f"{quantity.plausible_min:g}..{quantity.plausible_max:g}"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-class LimitSetError(SchemaError):
-    """A limit set that cannot be read or is inconsistent."""
+def _graded_quantities() -> tuple[GradedQuantity, ...]:
+    quantities = []
+    for name, field in LimitSet.model_fields.items():
+        for meta in field.metadata:
+            if isinstance(meta, GradedQuantity):
+                quantities.append(
+                    GradedQuantity(
+                        meta.fault_prefix, meta.label, meta.plausible_min, meta.plausible_max, name
+                    )
+                )
+    return tuple(quantities)
 
 
-def load_limit_set(path: Path) -> LimitSet:
-    try:
-        return load_model(path, LimitSet)
-    except SchemaError as exc:
-        raise LimitSetError(exc.problems) from None
-
-
-@dataclass(frozen=True, slots=True)
-class GradedQuantity:
-    """A quantity of the limit set and how it reads as a fault id and for a person."""
-
-    field: str  # name in LimitSet, with its unit
-    fault_prefix: str  # fault ids are f"{fault_prefix}_{grade}"
-    label: str
-
-
-GRADED_QUANTITIES: tuple[GradedQuantity, ...] = (
-    GradedQuantity("cell_voltage_high_v", "cell_voltage_high", "highest cell voltage"),
-    GradedQuantity("cell_voltage_low_v", "cell_voltage_low", "lowest cell voltage"),
-    GradedQuantity("temp_high_charge_c", "temp_high_charge", "highest temperature while charging"),
-    GradedQuantity("temp_low_charge_c", "temp_low_charge", "lowest temperature while charging"),
-    GradedQuantity(
-        "temp_high_discharge_c",
-        "temp_high_discharge",
-        "highest temperature while discharging or at rest",
-    ),
-    GradedQuantity(
-        "temp_low_discharge_c",
-        "temp_low_discharge",
-        "lowest temperature while discharging or at rest",
-    ),
-    GradedQuantity("charge_current_a", "charge_current", "charge current per cell"),
-    GradedQuantity("discharge_current_a", "discharge_current", "discharge current per cell"),
-    GradedQuantity("temp_spread_c", "temp_spread", "temperature spread"),
-    GradedQuantity("cell_voltage_spread_v", "cell_voltage_spread", "cell voltage spread"),
-)
+GRADED_QUANTITIES: tuple[GradedQuantity, ...] = _graded_quantities()
+"""Every graded quantity of the limit set, in declaration order."""

@@ -7,6 +7,8 @@ The result maps fault ids of the diagnosis table to present (True), absent (Fals
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from bms.config import ProtectionConfig
@@ -38,6 +40,66 @@ class StuckDetector:
         return self._unchanged_s >= self.stuck_time_s
 
 
+class ChargeCrossCheck:
+    """Checks the current sensor against the estimator: over a window of ``window_s``, the
+    change of the pack's mean SOC that the cell voltages show (the EKF's corrections
+    included) against the charge the sensor counted. A sensor with an offset or a gain error
+    makes the EKF correct the same way, window after window; the mean current that would
+    explain the difference is the sensor's apparent error.
+
+    Each verdict holds until the next window closes. A window with an unknown current, an
+    unknown SOC, an estimate not yet sure of itself (SOC sigma above ``max_soc_std``) or a
+    cell restarted from its OCV gives no verdict (None) and starts again, and the first
+    window after such a start is not judged (the filter is still settling onto the voltages).
+    The EKF follows only a part of a sensor error (it trusts the current too), so the
+    apparent error understates the real one; where the OCV is flat the voltages say little
+    and the check can miss an error.
+    """
+
+    def __init__(
+        self, window_s: float, capacity_ah: float, tolerance_a: float, max_soc_std: float = 0.05
+    ):
+        self.window_s = window_s
+        self.capacity_as = capacity_ah * 3600.0
+        self.tolerance_a = tolerance_a
+        self.max_soc_std = max_soc_std
+        self.apparent_error_a = math.nan
+        """The last closed window's mean (SOC-implied minus measured) current, A."""
+        self._verdict: bool | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self._start_soc = math.nan
+        self._elapsed_s = 0.0
+        self._counted_as = 0.0
+        self._settled = False
+
+    def update(self, current_a: float, estimate: Estimate, dt_s: float) -> bool | None:
+        """One cycle with the measured pack current (A). Returns the condition: True, False,
+        or None (no verdict)."""
+        mean_soc = float(np.mean(estimate.soc))
+        sure = bool(np.all(estimate.soc_std <= self.max_soc_std))  # False for NaN
+        if math.isnan(current_a) or math.isnan(mean_soc) or not sure or estimate.restarted.any():
+            self._restart()
+            self._verdict = None
+            return None
+        if math.isnan(self._start_soc):
+            self._start_soc = mean_soc
+            return self._verdict
+        self._elapsed_s += dt_s
+        self._counted_as += current_a * dt_s
+        if self._elapsed_s >= self.window_s:
+            if self._settled:
+                implied_as = (mean_soc - self._start_soc) * self.capacity_as
+                self.apparent_error_a = (implied_as - self._counted_as) / self._elapsed_s
+                self._verdict = abs(self.apparent_error_a) > self.tolerance_a
+            self._start_soc = mean_soc
+            self._elapsed_s = 0.0
+            self._counted_as = 0.0
+            self._settled = True
+        return self._verdict
+
+
 def _exceeds(values: np.ndarray, limit: float, above: bool) -> bool | None:
     """True if a valid value is beyond ``limit``; None if not, but some values are NaN (a NaN
     cell may be the one beyond it); False if every value is valid and within."""
@@ -66,11 +128,18 @@ def estimator_conditions(estimate: Estimate, limits: ProtectionConfig) -> dict[s
     }
 
 
-def _in_mode(check: bool | None, mode_applies: bool | None) -> bool | None:
-    """A limit that applies only while charging (or only otherwise)."""
-    if mode_applies is None:
-        return None
-    return check if mode_applies else False
+def _in_mode(
+    values: np.ndarray, limit: float, other_mode_limit: float, above: bool, applies: bool | None
+) -> bool | None:
+    """A temperature limit that applies only while charging (or only otherwise). When the
+    current is unknown, so is the mode: beyond the limits of both modes is present (whatever
+    the mode, a limit of this grade is broken), within both is clean, between is unknown."""
+    if applies is not None:
+        return _exceeds(values, limit, above) if applies else False
+    lenient, strict = sorted((limit, other_mode_limit), reverse=above)
+    if _exceeds(values, lenient, above):
+        return True
+    return False if _exceeds(values, strict, above) is False else None
 
 
 def graded_conditions(
@@ -86,28 +155,30 @@ def graded_conditions(
     charging = current_a > rest_current_a if known else None
     discharging_or_rest = (not charging) if known else None
     per_cell_a = current_a / n_parallel
+
+    def at(field: str, grade: str) -> float:
+        return getattr(getattr(limits, field), grade)
+
+    def temperature(other_mode_field: str, above: bool, applies: bool | None):
+        return lambda limit, grade: _in_mode(t, limit, at(other_mode_field, grade), above, applies)
+
     checks = {
-        "cell_voltage_high_v": lambda lim: _exceeds(v, lim, above=True),
-        "cell_voltage_low_v": lambda lim: _exceeds(v, lim, above=False),
-        "temp_high_charge_c": lambda lim: _in_mode(_exceeds(t, lim, above=True), charging),
-        "temp_low_charge_c": lambda lim: _in_mode(_exceeds(t, lim, above=False), charging),
-        "temp_high_discharge_c": lambda lim: _in_mode(
-            _exceeds(t, lim, above=True), discharging_or_rest
-        ),
-        "temp_low_discharge_c": lambda lim: _in_mode(
-            _exceeds(t, lim, above=False), discharging_or_rest
-        ),
-        "charge_current_a": lambda lim: per_cell_a > lim if known else None,
-        "discharge_current_a": lambda lim: -per_cell_a > lim if known else None,
-        "temp_spread_c": lambda lim: _spread_exceeds(t, lim),
-        "cell_voltage_spread_v": lambda lim: _spread_exceeds(v, lim),
+        "cell_voltage_high_v": lambda limit, _: _exceeds(v, limit, above=True),
+        "cell_voltage_low_v": lambda limit, _: _exceeds(v, limit, above=False),
+        "temp_high_charge_c": temperature("temp_high_discharge_c", True, charging),
+        "temp_low_charge_c": temperature("temp_low_discharge_c", False, charging),
+        "temp_high_discharge_c": temperature("temp_high_charge_c", True, discharging_or_rest),
+        "temp_low_discharge_c": temperature("temp_low_charge_c", False, discharging_or_rest),
+        "charge_current_a": lambda limit, _: per_cell_a > limit if known else None,
+        "discharge_current_a": lambda limit, _: -per_cell_a > limit if known else None,
+        "temp_spread_c": lambda limit, _: _spread_exceeds(t, limit),
+        "cell_voltage_spread_v": lambda limit, _: _spread_exceeds(v, limit),
     }
     conditions: dict[str, bool | None] = {}
     for quantity in GRADED_QUANTITIES:
-        grades = getattr(limits, quantity.field)
         check = checks[quantity.field]
         for grade in GRADES:
-            result = check(getattr(grades, grade))
+            result = check(at(quantity.field, grade), grade)
             conditions[f"{quantity.fault_prefix}_{grade}"] = (
                 None if result is None else bool(result)
             )
@@ -123,6 +194,7 @@ def measurement_conditions(
     """Conditions that do not depend on the limit set: validity, plausibility, insulation and
     the interlock loop (each only where the config says the pack has one)."""
     conditions = _insulation_and_interlock(m.insulation_kohm, limits, interlock_closed)
+    conditions |= _redundant_current(m.current_a, m.redundant_current_a, limits)
     v = m.cell_voltage_v
     i = m.current_a
     current_known = not np.isnan(i)
@@ -158,3 +230,21 @@ def _insulation_and_interlock(
     if limits.interlock:
         conditions["interlock_open"] = None if interlock_closed is None else not interlock_closed
     return conditions
+
+
+def _redundant_current(
+    current_a: float, redundant_a: float, limits: ProtectionConfig
+) -> dict[str, bool | None]:
+    """Two current sensors must agree within the tolerance (plus a fraction of the current,
+    as the two are sampled at slightly different times); only where the config says the
+    front-end has a second sensor."""
+    if limits.redundant_current_tolerance_a is None:
+        return {}
+    redundant_known = not math.isnan(redundant_a)
+    if redundant_known and not math.isnan(current_a):
+        tolerance_a = limits.redundant_current_tolerance_a
+        tolerance_a += limits.redundant_current_tolerance_fraction * abs(current_a)
+        mismatch: bool | None = abs(current_a - redundant_a) > tolerance_a
+    else:
+        mismatch = None
+    return {"current_mismatch": mismatch, "current_redundant_invalid": not redundant_known}

@@ -52,7 +52,10 @@ class InjectedFaults:
 
 
 class PackPlant:
-    """Series pack of ``n_cells`` cells; call :meth:`step` then :meth:`readings`."""
+    """Series pack of ``n_cells`` groups of ``n_parallel`` cells; call :meth:`step` then
+    :meth:`readings`. A group is simulated as one cell of ``n_parallel`` times the capacity,
+    capacitance and thermal mass and ``1 / n_parallel`` of the resistance (its cells share
+    the current equally); each spread applies per group."""
 
     def __init__(
         self,
@@ -60,12 +63,14 @@ class PackPlant:
         n_cells: int,
         n_temp_sensors: int,
         options: SimOptions,
+        n_parallel: int = 1,
     ):
         self.cell = cell
         self.options = options
+        self.n_parallel = n_parallel
         self.rng = rng = np.random.default_rng(options.seed)
         scatter = lambda sigma: 1.0 + sigma * rng.standard_normal(n_cells)  # noqa: E731
-        self.capacity_ah = cell.capacity_ah * scatter(options.capacity_spread)
+        self.capacity_ah = cell.capacity_ah * n_parallel * scatter(options.capacity_spread)
         self.resistance_factor = scatter(options.resistance_spread)
         self._impedance = np.empty((n_cells, 5))
         self.soc = np.clip(
@@ -86,12 +91,13 @@ class PackPlant:
 
     # ---------------------------------------------------------------- physics
     def impedance(self) -> tuple[np.ndarray, ...]:
-        """Each cell's (r0_ohm, r1_ohm, c1_f, r2_ohm, c2_f), (n_cells,) each, at its present SOC
-        and temperature."""
+        """Each group's (r0_ohm, r1_ohm, c1_f, r2_ohm, c2_f), (n_cells,) each, at its present
+        SOC and temperature."""
         ecm.impedances(self.cell.tables, self.soc, self.temp_c, self._impedance)
         r0, r1, c1, r2, c2 = self._impedance.T
-        k = self.resistance_factor
-        return r0 * k, r1 * k, c1, r2 * k, c2
+        k = self.resistance_factor / self.n_parallel
+        n = self.n_parallel
+        return r0 * k, r1 * k, c1 * n, r2 * k, c2 * n
 
     def ocv_v(self) -> np.ndarray:
         return self.cell.ocv_at(self.soc, self.temp_c)
@@ -164,8 +170,9 @@ class PackPlant:
         heat_w = current_a**2 * r0 + self.v_rc1_v**2 / r1 + self.v_rc2_v**2 / r2
         for cell in self.faults.overtemp:
             heat_w[cell] += o.overtemp_heat_w
-        cooling_w = o.cooling_w_per_k * (o.ambient_temp_c - self.temp_c)
-        self.temp_c = self.temp_c + dt_s * (heat_w + cooling_w) / o.heat_capacity_j_per_k
+        n = self.n_parallel
+        cooling_w = n * o.cooling_w_per_k * (o.ambient_temp_c - self.temp_c)
+        self.temp_c = self.temp_c + dt_s * (heat_w + cooling_w) / (n * o.heat_capacity_j_per_k)
 
     # ---------------------------------------------------------------- sensors
     def readings(self) -> Readings:

@@ -268,3 +268,47 @@ def test_an_estimator_that_raises_publishes_no_stale_estimate(cycle, monkeypatch
     assert np.isnan(status.soc).all() and np.isnan(status.estimate.soc_std).all()
     assert "internal_error" in status.latched_faults
     assert status.charge_limit_a == 0.0 and status.discharge_limit_a == 0.0
+
+
+def test_faults_the_front_end_reports_are_table_conditions(cycle, caplog):
+    run(cycle, 10)
+    cycle.frontend.frontend_faults = ("internal_error",)  # any row the table has
+    status = run(cycle, 2, t0_s=1.0)
+    assert "internal_error" in status.latched_faults
+    assert cycle.contactors.relays == ALL_OPEN
+
+
+def test_a_front_end_fault_the_table_lacks_is_a_front_end_error(cycle, caplog):
+    run(cycle, 10)
+    cycle.frontend.frontend_faults = ("flux_capacitor_low",)
+    status = run(cycle, 12, t0_s=1.0)
+    assert "frontend_error" in status.latched_faults
+    assert "flux_capacitor_low" in caplog.text
+    assert caplog.text.count("flux_capacitor_low") == 1  # logged once, then counted
+
+
+def test_a_current_sensor_that_reads_wrong_is_found_against_the_soc(make_config):
+    """The cells sit at one voltage while the sensor says 2 A flow out: the EKF keeps
+    pulling the SOC back up. It follows only a part of the error (it trusts the sensor
+    too), so the apparent error is below the real 2 A, yet far above the 1 A tolerance."""
+    config = load_config(
+        make_config(
+            {
+                "pack": {"n_cells": 4, "n_temp_sensors": 2},
+                "protection": {"charge_check_window_s": 60.0, "charge_check_tolerance_a": 1.0},
+            }
+        )
+    )
+    frontend = FakeFrontEnd(4)
+    frontend.current_a = -2.0
+    cycle = ControlCycle(
+        config, load_cell_params(config.pack.cell_params), frontend, FakeBox(frontend.calls), None
+    )
+    noise = np.random.default_rng(1)
+    statuses = []
+    for n in range(400):
+        frontend.cell_voltage_v = 3.7 + 0.001 * noise.standard_normal(4)  # alive, not stuck
+        statuses.append(cycle.run(n * 1.0, 1.0, lagging=False))
+    assert "current_soc_mismatch" in statuses[-1].active_faults
+    assert 1.2 < cycle.charge_check.apparent_error_a < 2.2
+    assert statuses[-1].contactors is ContactorState.CLOSED  # a warning, not an opening

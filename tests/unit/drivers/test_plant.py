@@ -158,3 +158,19 @@ def test_a_bleeding_cell_loses_charge_through_its_resistor():
     # about OCV / 33 ohm for an hour: 3.74 V / 33 ohm = 0.113 A
     assert bled_ah == pytest.approx(float(CELL.ocv_at(0.5)) / IDEAL.bleed_resistance_ohm, rel=0.02)
     assert p.soc[[0, 2, 3]] == pytest.approx(0.5)
+
+
+def test_parallel_cells_share_the_current():
+    """Three cells in parallel: a third of the SOC change and of the voltage drop of one cell
+    carrying the same current, and a third of its temperature rise."""
+    single = PackPlant(CELL, 2, 2, IDEAL)
+    triple = PackPlant(CELL, 2, 2, IDEAL, n_parallel=3)
+    for plant in (single, triple):
+        plant.step(0.1, 0.0, CLOSED)  # close the contactors
+    for plant, current_a in ((single, -10.0), (triple, -30.0)):
+        for _ in range(100):
+            plant.step(0.1, current_a, CLOSED)
+    assert triple.soc == pytest.approx(single.soc, abs=1e-9)
+    assert triple.terminal_voltage_v(-30.0) == pytest.approx(single.terminal_voltage_v(-10.0))
+    assert triple.temp_c == pytest.approx(single.temp_c)
+    assert triple.capacity_ah == pytest.approx(3 * single.capacity_ah)

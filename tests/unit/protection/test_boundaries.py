@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from bms.config import ControlConfig, ProtectionConfig
+from bms.config import ControlConfig, ProtectionConfig, load_limit_set
 from bms.protection.contactors import ContactorStateMachine, _balanced
 from bms.protection.derating import (
     CurrentLimiter,
@@ -16,7 +16,6 @@ from bms.protection.derating import (
     discharge_factors,
 )
 from bms.protection.diagnosis import Diagnosis, DiagnosisConfig
-from bms.protection.limits import load_limit_set
 from bms.protection.plausibility import StuckDetector, graded_conditions, measurement_conditions
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, RelayStates
 from tests.conftest import LIMITS as LIMIT_FILE
@@ -44,18 +43,16 @@ def test_nan_soc_gives_zero_soc_factor():
 
 def test_single_cell_arrays_give_real_factors():
     v, t, s = np.array([3.7]), np.array([25.0]), np.array([0.5])
-    assert charge_factors(v, t, s, LIMITS, DCFG) == {
+    healthy = {
         "temp_high": 1.0,
         "temp_low": 1.0,
         "cell_voltage": 1.0,
         "soc": 1.0,
+        "temp_spread": 1.0,
+        "cell_voltage_spread": 1.0,
     }
-    assert discharge_factors(v, t, s, LIMITS, DCFG) == {
-        "temp_high": 1.0,
-        "temp_low": 1.0,
-        "cell_voltage": 1.0,
-        "soc": 1.0,
-    }
+    assert charge_factors(v, t, s, LIMITS, DCFG) == healthy
+    assert discharge_factors(v, t, s, LIMITS, DCFG) == healthy
 
 
 def test_limiter_ramps_from_zero():

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bms.config import load_limit_set
 from bms.protection.derating import (
     CurrentLimiter,
     DeratingConfig,
@@ -17,7 +18,6 @@ from bms.protection.derating import (
     taper_lower,
     taper_upper,
 )
-from bms.protection.limits import load_limit_set
 from tests.conftest import LIMITS as LIMIT_FILE
 from tests.fakes import estimate_of
 
@@ -66,6 +66,25 @@ def test_each_factor_derates_its_own_direction():
     assert charge["soc"] == pytest.approx(0.5) and discharge["soc"] == 1.0
     charge, discharge = factors(soc=0.025)
     assert charge["soc"] == 1.0 and discharge["soc"] == pytest.approx(0.5)
+
+
+def test_a_wide_spread_derates_both_directions_from_its_mol_to_its_rsl():
+    """The spread rows' MOL derates: a weak or hot cell limits charge and discharge alike
+    (temperature spread 5 / 8 degC, cell voltage spread 0.10 / 0.20 V in nmc.toml)."""
+
+    def spread_factors_of(v: np.ndarray, t: np.ndarray) -> list[tuple[float, float]]:
+        charge = charge_factors(v, t, np.full(v.size, 0.5), LIMITS, CONFIG)
+        discharge = discharge_factors(v, t, np.full(v.size, 0.5), LIMITS, CONFIG)
+        return [(charge[k], discharge[k]) for k in ("temp_spread", "cell_voltage_spread")]
+
+    cells_v = np.array([3.70, 3.70, 3.70, 3.70])
+    assert spread_factors_of(cells_v, np.array([25.0, 31.5])) == [(0.5, 0.5), (1.0, 1.0)]
+    assert spread_factors_of(cells_v, np.array([25.0, 33.0])) == [(0.0, 0.0), (1.0, 1.0)]
+    weak_cell_v = np.array([3.70, 3.70, 3.55, 3.70])  # 0.15 V below the others
+    (temp, voltage) = spread_factors_of(weak_cell_v, np.array([25.0, 26.0]))
+    assert temp == (1.0, 1.0) and voltage == pytest.approx((0.5, 0.5))
+    (_, voltage) = spread_factors_of(np.array([3.7, math.nan]), np.array([25.0, 26.0]))
+    assert voltage == (0.0, 0.0)  # a missing cell may be the far one
 
 
 def test_limiter_is_zero_unless_allowed_and_ramps_up_but_falls_at_once():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from bms.config import LimitSetError, load_limit_set
 from bms.protection.derating import DeratingConfig
-from bms.protection.limits import LimitSetError, LowerGrades, UpperGrades, load_limit_set
+from bms.protection.limits import LowerGrades, UpperGrades
 from tests.conftest import LIMITS
 
 

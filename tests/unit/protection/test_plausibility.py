@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from bms.config import ProtectionConfig
-from bms.protection.limits import GRADED_QUANTITIES, GRADES, load_limit_set
+from bms.config import ProtectionConfig, load_limit_set
+from bms.protection.limits import GRADED_QUANTITIES, GRADES
 from bms.protection.plausibility import (
+    ChargeCrossCheck,
     StuckDetector,
     estimator_conditions,
     graded_conditions,
@@ -149,14 +150,40 @@ def test_limit_checks_over_missing_values_are_unknown_not_clean():
         "discharge_current_msl",
         "short_circuit",
         "cell_voltage_spread_msl",
-        "temp_high_discharge_msl",
-        "temp_high_charge_msl",
     ):
         assert conditions[fault_id] is None, fault_id
-    assert conditions["temp_spread_msl"] is False  # temperatures are all valid
+    # temperatures are all valid and within the limits of either mode
+    for fault_id in ("temp_spread_msl", "temp_high_discharge_msl", "temp_high_charge_msl"):
+        assert conditions[fault_id] is False, fault_id
     # a valid cell beyond the limit is present whatever the others read
     m = sample(cell_voltage_v=np.array([4.3, math.nan, 3.69, 3.7]))
     assert graded_conditions(m, LIMITS, 1, REST_A)["cell_voltage_high_msl"] is True
+
+
+def test_unknown_current_still_trips_a_temperature_beyond_both_modes_limits():
+    """Charge and discharge temperature limits differ; with the current unknown the mode is
+    too, but a cell beyond both modes' MSLs is beyond an MSL whatever the mode."""
+    high_charge, high_discharge = LIMITS.temp_high_charge_c.msl, LIMITS.temp_high_discharge_c.msl
+    low_charge, low_discharge = LIMITS.temp_low_charge_c.msl, LIMITS.temp_low_discharge_c.msl
+    assert high_charge != high_discharge and low_charge != low_discharge  # the test needs it
+
+    def msl_rows(temp_c: float) -> dict[str, bool | None]:
+        m = sample(cell_temp_c=np.array([25.0, temp_c]), current_a=math.nan)
+        conditions = graded_conditions(m, LIMITS, 1, REST_A)
+        return {k: v for k, v in conditions.items() if k.startswith("temp_") and "msl" in k}
+
+    beyond_both = msl_rows(max(high_charge, high_discharge) + 1.0)
+    assert beyond_both["temp_high_charge_msl"] is True
+    assert beyond_both["temp_high_discharge_msl"] is True
+    between = msl_rows((high_charge + high_discharge) / 2)
+    assert between["temp_high_charge_msl"] is None
+    assert between["temp_high_discharge_msl"] is None
+    below_both = msl_rows(min(low_charge, low_discharge) - 1.0)
+    assert below_both["temp_low_charge_msl"] is True
+    assert below_both["temp_low_discharge_msl"] is True
+    within_both = msl_rows(25.0)
+    assert within_both["temp_high_charge_msl"] is False
+    assert within_both["temp_low_discharge_msl"] is False
 
 
 def test_stuck_mask_raises_stuck():
@@ -209,3 +236,89 @@ def test_a_cell_outside_the_models_temperatures_is_reported():
     assert estimator_conditions(estimate, config)["temperature_outside_model"] is False
     estimate.outside_model[2] = True
     assert estimator_conditions(estimate, config)["temperature_outside_model"] is True
+
+
+REDUNDANT = PROTECTION.model_copy(
+    update={"redundant_current_tolerance_a": 1.0, "redundant_current_tolerance_fraction": 0.05}
+)
+
+
+def redundant_rows(current_a: float, redundant_a: float) -> dict[str, bool | None]:
+    m = sample(current_a=current_a, redundant_current_a=redundant_a)
+    conditions = measurement_conditions(m, REDUNDANT, NO_STUCK)
+    return {k: conditions[k] for k in ("current_mismatch", "current_redundant_invalid")}
+
+
+def test_two_current_sensors_must_agree_within_the_tolerance_and_its_fraction():
+    # at -20 A the band is 1 A + 5 % of 20 A = 2 A
+    assert redundant_rows(-20.0, -21.9) == {
+        "current_mismatch": False,
+        "current_redundant_invalid": False,
+    }
+    assert redundant_rows(-20.0, -22.1)["current_mismatch"] is True
+    assert redundant_rows(0.0, 1.1)["current_mismatch"] is True  # 1 A band at rest
+    assert redundant_rows(0.0, 0.9)["current_mismatch"] is False
+
+
+def test_a_missing_second_sensor_is_its_own_warning_and_no_verdict():
+    assert redundant_rows(-20.0, math.nan) == {
+        "current_mismatch": None,
+        "current_redundant_invalid": True,
+    }
+    assert redundant_rows(math.nan, -20.0)["current_mismatch"] is None
+
+
+def test_without_a_second_sensor_configured_nothing_is_checked():
+    conditions = measurement_conditions(sample(), PROTECTION, NO_STUCK)
+    assert "current_mismatch" not in conditions
+    assert "current_redundant_invalid" not in conditions
+
+
+CAPACITY_AH = 5.0
+
+
+def run_charge_check(
+    check: ChargeCrossCheck, sensor_error_a: float, seconds: float, true_current_a=-5.0, soc=0.8
+):
+    """A pack whose SOC follows the true current, seen through a sensor that reads
+    ``sensor_error_a`` off; returns the verdicts of each 1 s step and the final SOC."""
+    verdicts = []
+    for _ in range(int(seconds)):
+        soc += true_current_a / (CAPACITY_AH * 3600.0)
+        verdicts.append(
+            check.update(true_current_a + sensor_error_a, estimate_of(np.full(4, soc)), 1.0)
+        )
+    return verdicts, soc
+
+
+def test_charge_check_finds_a_sensor_offset_and_passes_a_good_sensor():
+    check = ChargeCrossCheck(window_s=100.0, capacity_ah=CAPACITY_AH, tolerance_a=0.5)
+    verdicts, _ = run_charge_check(check, 0.0, 350)
+    # the first window after the start settles; the second is the first judged
+    assert verdicts[0] is None and verdicts[199] is None
+    assert verdicts[200:] == [False] * len(verdicts[200:])
+    assert abs(check.apparent_error_a) < 1e-9
+    check = ChargeCrossCheck(window_s=100.0, capacity_ah=CAPACITY_AH, tolerance_a=0.5)
+    verdicts, _ = run_charge_check(check, 0.6, 250)
+    assert verdicts[199] is None and verdicts[200] is True and verdicts[-1] is True
+    # the sensor reads 0.6 A too high, so the SOC moves 0.6 A less than it counts
+    assert check.apparent_error_a == pytest.approx(-0.6)
+    check = ChargeCrossCheck(window_s=100.0, capacity_ah=CAPACITY_AH, tolerance_a=0.5)
+    verdicts, _ = run_charge_check(check, -0.4, 250)
+    assert verdicts[200] is False
+
+
+def test_charge_check_gives_no_verdict_for_unsure_restarted_or_unknown_inputs():
+    check = ChargeCrossCheck(window_s=10.0, capacity_ah=CAPACITY_AH, tolerance_a=0.5)
+    assert run_charge_check(check, 2.0, 30)[0][-1] is True
+    assert check.update(-5.0, estimate_of(np.full(4, 0.8), soc_std=0.2), 1.0) is None
+    run_charge_check(check, 2.0, 30)
+    assert check.update(math.nan, estimate_of(np.full(4, 0.8)), 1.0) is None
+    assert check.update(-5.0, estimate_of(np.array([0.8, math.nan, 0.8, 0.8])), 1.0) is None
+    verdicts, soc = run_charge_check(check, 2.0, 30)
+    assert verdicts[-1] is True
+    restarted = estimate_of(np.full(4, soc + 0.05))  # an OCV restart jumps the SOC
+    restarted.restarted[1] = True
+    assert check.update(-5.0, restarted, 1.0) is None
+    verdicts, _ = run_charge_check(check, 0.0, 30, soc=soc + 0.05)
+    assert verdicts[-1] is False  # the jump was never counted as a sensor error
