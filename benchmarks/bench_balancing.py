@@ -62,9 +62,9 @@ def main() -> int:
     for step in range(steps + 1):
         t_s = step * dt_s
         readings = plant.readings()
-        soc = estimator.step(
+        estimate = estimator.step(
             readings.current_a, readings.cell_voltage_v, readings.cell_temp_c, dt_s
-        ).soc
+        )
         allowed = balancer.allowed(
             readings.cell_voltage_v,
             readings.cell_temp_c,
@@ -72,7 +72,9 @@ def main() -> int:
             config.soc.rest_current_a,
             False,
         )
-        plant.bleeding = balancer.update(t_s, soc, readings.cell_voltage_v, allowed)
+        plant.bleeding = balancer.update(
+            t_s, estimate.soc, readings.cell_voltage_v, allowed, soc_std=estimate.soc_std
+        )
         plant.step(dt_s, 0.0, ALL_OPEN)
         soc_spread = float(plant.soc.max() - plant.soc.min())
         if converged_h is None and soc_spread < stop_soc:

@@ -332,7 +332,9 @@ class ControlCycle:
                     self.config.soc.rest_current_a,
                     forbidden,
                 )
-                balancing = self.balancer.update(t_s, estimate.soc, m.cell_voltage_v, may_bleed)
+                balancing = self.balancer.update(
+                    t_s, estimate.soc, m.cell_voltage_v, may_bleed, soc_std=estimate.soc_std
+                )
             except Exception:
                 self.errors.report("balancing decision")
                 balancing = np.zeros(self.config.pack.n_cells, dtype=bool)

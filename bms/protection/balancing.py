@@ -4,8 +4,9 @@ From the SOC estimate, each cell's charge to remove (Ah) is what makes all cells
 target together: for top balancing, the cells closer to full give up the difference in
 charge-to-full; for bottom balancing, the cells further from empty give up the difference in
 charge-above-empty. A cell bleeds once its excess passes ``start_delta_ah`` and stops below
-``stop_delta_ah``. When the estimate cannot be trusted (a NaN in it), the cell voltages decide
-instead (``voltage_start_delta_v`` above the lowest cell), which is only meaningful near rest.
+``stop_delta_ah``. When the estimate cannot be trusted (a NaN in it, or a cell whose SOC sigma
+is above ``trusted_soc_std``), the cell voltages decide instead (``voltage_start_delta_v`` above
+the lowest cell), which is only meaningful near rest.
 Balancing runs only when allowed: at rest or while charging, every cell above
 ``min_cell_voltage_v``, every temperature below ``max_temp_c``, and no fault that forbids a
 close; the resistors' heat is bounded by a duty cycle (on for ``max_duty`` of each
@@ -34,6 +35,9 @@ class BalancingConfig(StrictModel):
     max_temp_c: float = Field(45.0, ge=-40.0, le=120.0)
     max_duty: float = Field(0.5, gt=0.0, le=1.0)
     duty_period_s: float = Field(10.0, gt=0.0, le=3600.0)
+    trusted_soc_std: float = Field(
+        0.03, gt=0.0, le=1.0, description="above this SOC sigma the voltages decide instead"
+    )
 
     @model_validator(mode="after")
     def _hysteresis(self) -> BalancingConfig:
@@ -87,13 +91,16 @@ class Balancer:
         soc: np.ndarray,
         cell_voltage_v: np.ndarray,
         allowed: bool,
+        *,
+        soc_std: np.ndarray | float,
     ) -> np.ndarray:
-        """Return the mask (n_cells,) of cells to bleed this cycle."""
+        """Return the mask (n_cells,) of cells to bleed this cycle; ``soc`` and ``soc_std``
+        are the estimate's (n_cells,)."""
         c = self.config
         if not allowed:
             self.selected[:] = False
             return self.selected.copy()
-        if not np.isnan(soc).any():
+        if np.all(soc_std <= c.trusted_soc_std) and not np.isnan(soc).any():
             excess_ah = charge_to_remove_ah(soc, self.capacity_ah, c.target)
             start, stop = excess_ah > c.start_delta_ah, excess_ah < c.stop_delta_ah
         else:  # the voltage says the same for both targets while capacities are equal
