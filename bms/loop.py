@@ -35,7 +35,8 @@ from bms.protection.plausibility import (
     graded_conditions,
     measurement_conditions,
 )
-from bms.store.latches import LatchRecord, LatchStore, utc_now_iso
+from bms.store import utc_now_iso
+from bms.store.latches import LatchRecord, LatchStore
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, PackStatus
 
 log = logging.getLogger(__name__)

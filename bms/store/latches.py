@@ -10,14 +10,13 @@ Reading never changes anything. A file that cannot be read (torn, hand-edited, w
 reads as one latched fault, ``latch_store_unreadable``; a starting BMS copies it aside and
 writes that latch back, so it also survives the next restart until a person clears it.
 While a BMS runs it holds an exclusive lock on ``<file>.lock``, so ``bms faults clear`` can
-refuse to edit the file under a running loop. The SQLite store of the service work replaces
-this file.
+refuse to edit the file under a running loop. The SQLite store (bms/store/state.py) keeps a
+second copy of the latched set; a starting BMS holds the union of both.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import getpass
 import json
@@ -28,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bms.store import utc_now_iso
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,6 @@ class _LatchFile(BaseModel):
     version: int
     latched: list[LatchRecord]
     cleared: list[_ClearRecord]
-
-
-def utc_now_iso() -> str:
-    """Wall-clock UTC, for persisted records only (the loop runs on the monotonic clock)."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 class LatchStore:
