@@ -20,12 +20,19 @@ from typing import TextIO
 
 from bms.backends import Backend, FrontEndError, InjectionError
 from bms.comms.dbc import DbcError
-from bms.config import BackendChoice, BmsConfig
+from bms.config import BackendChoice, BmsConfig, ConfigError, load_config
 from bms.estimation.cell_params import CellParamsError, load_cell_params
 from bms.estimation.estimator import warm_up
 from bms.loop import ControlCycle, CycleTiming, RateKeeper
 from bms.report import pack_summary, status_record, to_json, to_line
+from bms.service.control import ControlServer, ControlSocketBusy
+from bms.service.endpoint import ServiceEndpoint
+from bms.service.notify import Notifier
+from bms.service.realtime import freeze_heap, set_up_loop_thread
 from bms.store.latches import LatchStore, LatchStoreBusy
+from bms.store.recorder import PackRecorder
+from bms.store.state import StateStore, StoreError
+from bms.types import ALL_OPEN, PackStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +45,39 @@ EXIT_USAGE_ERROR = 2
 EXIT_SETUP_FAILED = 3
 EXIT_LOOP_FAILED = 4
 
-SETUP_ERRORS = (FrontEndError, DbcError, CellParamsError, LatchStoreBusy, ValueError, OSError)
+SETUP_ERRORS = (
+    FrontEndError,
+    DbcError,
+    CellParamsError,
+    LatchStoreBusy,
+    ControlSocketBusy,
+    StoreError,
+    ValueError,
+    OSError,
+)
 """Errors that mean the configured hardware or files cannot be used: reported, not traced."""
 
 
 class StopRequest:
-    """Set by SIGINT/SIGTERM (or a test); the loop checks it once per cycle."""
+    """Set by SIGINT/SIGTERM (or a test); the loop checks it once per cycle. SIGHUP asks for
+    a reload of the config instead."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.reload = threading.Event()
         self.reason = ""
 
     def __call__(self, signum: int, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self.reload.set()
+            return
         self.reason = signal.Signals(signum).name
         self.event.set()
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self)
         signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGHUP, self)
 
 
 def run(
@@ -74,10 +96,12 @@ def run(
     Returns the process exit code.
     """
     stop = stop or StopRequest()
-    emit: Callable[[dict], str] = to_json if status_format == "json" else to_line
     with ExitStack() as resources:
+        endpoint = ServiceEndpoint(str(config.source), config.store.path if config.store else None)
         try:
-            cycle = build_cycle(config, resources, simulate=simulate, injections=injections)
+            cycle = build_cycle(
+                config, resources, simulate=simulate, injections=injections, endpoint=endpoint
+            )
         except InjectionError as exc:
             log.error("%s", exc)
             return EXIT_USAGE_ERROR
@@ -86,7 +110,31 @@ def run(
             return EXIT_SETUP_FAILED
         writer = LineWriter(out)
         resources.callback(writer.close)
+        emit: Callable[[dict], str] = to_json if status_format == "json" else to_line
+        runner = LoopRunner(config, cycle, writer, emit, endpoint)
+        return runner.run(stop, duration_s)
 
+
+class LoopRunner:
+    """The loop around the cycle: rate, status lines, systemd, reloads, the way out."""
+
+    def __init__(
+        self,
+        config: BmsConfig,
+        cycle: ControlCycle,
+        writer: LineWriter,
+        emit: Callable[[dict], str],
+        endpoint: ServiceEndpoint,
+    ):
+        self.config = config
+        self.cycle = cycle
+        self.writer = writer
+        self.emit = emit
+        self.endpoint = endpoint
+        self.notifier = Notifier()
+
+    def run(self, stop: StopRequest, duration_s: float | None) -> int:
+        config, cycle, notifier = self.config, self.cycle, self.notifier
         if not cycle.wait_for_first_sample(time.monotonic, config.loop.startup_timeout_s):
             log.error(
                 "no complete sample from the front-end and contactor feedback within "
@@ -96,24 +144,45 @@ def run(
         rate = RateKeeper(config.loop.period_s, config.loop.lag_limit_s)
         timing = CycleTiming()
         worst_overall_s = 0.0
+        applied = set_up_loop_thread(config.service.realtime_priority, config.service.cpu_affinity)
+        if config.service.freeze_gc:
+            freeze_heap()
         start_s, _ = rate.wait()
+        self.endpoint.start_s = start_s
         next_report_s = start_s
         status = None
+        ready = False
         failed = False
-        log.info("control loop running at %.0f Hz", 1.0 / config.loop.period_s)
+        log.info(
+            "control loop running at %.0f Hz%s",
+            1.0 / config.loop.period_s,
+            f" ({', '.join(applied)})" if applied else "",
+        )
         try:
             while not stop.event.is_set():
+                if stop.reload.is_set():
+                    stop.reload.clear()
+                    self._reload()
                 now_s, dt_s = rate.wait()
                 stalled = rate.last_lateness_s > config.loop.stall_limit_s
                 status = cycle.run(now_s, dt_s, rate.lagging, stalled)
                 compute_s = time.monotonic() - now_s
                 timing.add(compute_s)
                 worst_overall_s = max(worst_overall_s, compute_s)
+                self.endpoint.publish(status, timing.mean_s, timing.worst_s, rate.missed_cycles)
+                if not ready and cycle.sample_complete:
+                    ready = True
+                    notifier.ready(_short_status(status))
+                    if cycle.recorder is not None:
+                        cycle.recorder.note("config_sha256", config.sha256)
+                if ready and cycle.last_cycle_healthy:
+                    notifier.watchdog(now_s)
                 if now_s >= next_report_s:
                     record = status_record(
                         status, start_s, timing.mean_s, timing.worst_s, rate.missed_cycles
                     )
-                    writer.write(emit(record))
+                    self.writer.write(self.emit(record))
+                    notifier.status(_short_status(status))
                     timing = CycleTiming()
                     next_report_s += config.loop.status_interval_s
                 if duration_s is not None and now_s - start_s >= duration_s:
@@ -123,6 +192,7 @@ def run(
             failed = True
             log.exception("control loop failed; opening contactors")
         finally:
+            notifier.stopping()
             opened = cycle.open_and_wait(time.monotonic, SHUTDOWN_OPEN_TIMEOUT_S)
         if not opened:
             log.error(
@@ -136,15 +206,84 @@ def run(
             "latched": list(status.latched_faults) if status else [],
             "missed_cycles": rate.missed_cycles,
             "cycle_time_max_s": worst_overall_s,
-            "status_lines_dropped": writer.dropped,
+            "status_lines_dropped": self.writer.dropped,
         }
         if status is not None:
             soc = pack_summary(status)
             summary.update({k: soc[k] for k in ("soc_min", "soc_mean", "soc_max")})
-        writer.write(to_json(summary) if status_format == "json" else _summary_line(summary))
+        self.writer.write(to_json(summary) if self.emit is to_json else _summary_line(summary))
         if failed:
             return EXIT_LOOP_FAILED
         return EXIT_OK if opened else EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
+
+    def _reload(self) -> None:
+        """SIGHUP: validate the config file again; apply it only if it is valid and changes
+        nothing that needs a restart, else keep running on the old one and say why."""
+        source = self.config.source
+        self.notifier.send(RELOADING="1")
+        try:
+            new = load_config(source)
+        except ConfigError as exc:
+            log.error(
+                "reload of %s refused, still running on the previous config:\n  %s",
+                source,
+                "\n  ".join(exc.problems),
+            )
+        else:
+            restart = self.cycle.reconfigure(new)
+            if restart:
+                log.error(
+                    "reload of %s refused: [%s] changed, which needs a restart; still running "
+                    "on the previous config",
+                    source,
+                    "], [".join(restart),
+                )
+            else:
+                self.config = new
+                log.info("reloaded %s", source)
+        self.notifier.send(READY="1")
+
+
+def _short_status(status: PackStatus) -> str:
+    """One line for ``systemctl status``."""
+    summary = pack_summary(status)
+    soc = summary["soc_mean"]
+    soc_text = "--" if soc != soc else f"{soc * 100:.1f} %"
+    latched = f", latched: {', '.join(status.latched_faults)}" if status.latched_faults else ""
+    return (
+        f"contactors {status.contactors.value}, SOC {soc_text}, "
+        f"{len(status.active_faults)} active fault(s){latched}"
+    )
+
+
+def failsafe(config: BmsConfig, hold_s: float) -> int:
+    """Open the contactors and nothing else, for systemd's ExecStopPost: it runs however
+    the service ended (a crash, a kill, a hang the watchdog ended), so it touches only the
+    contactor driver. Commands every relay open for up to ``hold_s`` until the feedback
+    confirms it. Exit 0 when confirmed open, 1 when not, 3 when the driver cannot be opened."""
+    try:
+        contactors = config.contactors.cls(config, config.contactors.options)
+    except SETUP_ERRORS as exc:
+        log.error("failsafe: cannot open the contactor driver: %s", exc)
+        return EXIT_SETUP_FAILED
+    try:
+        deadline_s = time.monotonic() + hold_s
+        while True:
+            now_s = time.monotonic()
+            try:
+                contactors.command(ALL_OPEN)
+                feedback = contactors.feedback(now_s)
+                if feedback.valid and not feedback.relays.any_closed:
+                    log.info("failsafe: contactors confirmed open")
+                    return EXIT_OK
+            except Exception as exc:
+                log.error("failsafe: %s", exc)
+            if now_s >= deadline_s:
+                log.error("failsafe: the feedback did not confirm OPEN within %.1f s", hold_s)
+                return EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
+            time.sleep(min(0.05, config.loop.period_s))
+    finally:
+        contactors.close()
 
 
 def run_plant(
@@ -217,11 +356,20 @@ def build_cycle(
     *,
     simulate: bool = False,
     injections: list[str] | None = None,
+    endpoint: ServiceEndpoint | None = None,
 ) -> ControlCycle:
     """Open the backends (and start the simulated pack) and build the cycle over them.
 
-    Everything opened is registered on ``resources``, so closing it releases all of it.
+    Everything opened is registered on ``resources``, so closing it releases all of it. The
+    control socket is bound first: a second BMS on the same config stops here, before it
+    touches a bus (ControlSocketBusy), as it does on the latch file's lock.
     """
+    if endpoint is not None and config.service.control_socket is not None:
+        server = ControlServer(
+            config.service.control_socket, endpoint.handlers(), config.service.admin_group
+        )
+        server.start()
+        resources.callback(server.close)
     cell = load_cell_params(config.pack.cell_params)
     warm_up(cell)  # compile or load the kernels now, not in the first cycle
     if simulate:
@@ -233,11 +381,21 @@ def build_cycle(
     latch_store = LatchStore(config.protection.latch_file)
     latch_store.acquire()  # LatchStoreBusy: another BMS runs on this latch file
     resources.callback(latch_store.release)
+    recorder = None
+    if config.store is not None:
+        store = StateStore.open(config.store.path)
+        recorder = PackRecorder(
+            store, config.store.interval_s, cell.capacity_ah * config.pack.n_parallel
+        )
+        recorder.start()
+        resources.callback(recorder.close)  # after the cycle's close below: LIFO
     frontend = _open(resources, config, config.frontend)
     contactors = _open(resources, config, config.contactors)
     publisher = _open(resources, config, config.publisher) if config.publisher else None
-    cycle = ControlCycle(config, cell, frontend, contactors, publisher, latch_store)
+    cycle = ControlCycle(config, cell, frontend, contactors, publisher, latch_store, recorder)
     resources.callback(cycle.close)
+    if endpoint is not None:
+        endpoint.cycle = cycle
     return cycle
 
 

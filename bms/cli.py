@@ -1,5 +1,5 @@
-"""The ``bms`` command: ``run``, ``sim``, ``plant``, ``check-config``, ``faults``, ``identify``,
-``replay``.
+"""The ``bms`` command: ``run``, ``sim``, ``plant``, ``status``, ``faults``, ``check-config``,
+``identify``, ``replay``.
 
 Exit codes: 0 clean stop (contactors confirmed open), 1 contactors not confirmed open,
 2 configuration or usage error, 3 the configured hardware or files could not be opened,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bms import app, backends
 from bms.config import SIM_BACKEND, ConfigError, load_config
-from bms.store.latches import LatchStore, LatchStoreBusy
+from bms.service import tools
 
 DEFAULT_SIM_CONFIG = "config/sim.toml"
 
@@ -97,21 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a fault T_S seconds after start; cells count from 1; repeatable",
     )
 
+    failsafe = commands.add_parser(
+        "failsafe",
+        help="open the contactors and exit (systemd's ExecStopPost runs this)",
+    )
+    failsafe.add_argument("--config", required=True, help="TOML config file")
+    failsafe.add_argument(
+        "--hold-s", type=float, default=2.0, help="wait this long for the feedback (default 2)"
+    )
+
     check = commands.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("file")
 
+    tool_config_help = (
+        "TOML config file (default: $PYBMS_CONFIG, else /etc/pybms/pack.toml if it exists, "
+        "else config/sim.toml)"
+    )
     faults = commands.add_parser(
-        "faults", help="list the latched faults, or clear them (only while no BMS runs)"
+        "faults",
+        help="list the latched faults and the fault log, or clear latched faults",
+        description="With the BMS running, a clear is decided by the loop: only a fault whose "
+        "cause is gone is cleared, and only for root or the [service] admin_group. With no BMS "
+        "running, both copies of the latched set are cleared and the next start looks again.",
     )
     faults.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
     faults.add_argument(
         "fault_ids", nargs="*", metavar="FAULT_ID", help="with clear: only these (default: all)"
     )
-    faults.add_argument(
-        "--config",
-        default=DEFAULT_SIM_CONFIG,
-        help=f"TOML config file (default {DEFAULT_SIM_CONFIG})",
-    )
+    faults.add_argument("--config", default=None, help=tool_config_help)
+
+    status = commands.add_parser("status", help="the running BMS's pack at a glance")
+    status.add_argument("--config", default=None, help=tool_config_help)
+    status.add_argument("--json", action="store_true", help="one JSON object, for machines")
 
     identify = commands.add_parser(
         "identify",
@@ -167,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         return _replay(parser, args)
     path = args.file if args.command == "check-config" else args.config
+    if path is None:  # status and faults
+        path = tools.default_config()
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -177,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.summary(), indent=2))
         return 0
     if args.command == "faults":
-        return _faults(config, args.action, args.fault_ids)
+        return tools.faults(config, args.action, args.fault_ids)
+    if args.command == "status":
+        return tools.status(config, args.json)
+    if args.command == "failsafe":
+        return app.failsafe(config, args.hold_s)
     if args.command in ("sim", "plant") and config.sim is None:
         print(f"{config.source}: `bms {args.command}` needs a [sim] section", file=sys.stderr)
         return app.EXIT_USAGE_ERROR
@@ -193,33 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         status_format=args.status_format,
         stop=stop,
     )
-
-
-def _faults(config, action: str, fault_ids: list[str]) -> int:
-    """``bms faults``: list the latched faults; ``bms faults clear``: clear them.
-
-    Clearing is a person's decision and is recorded (who, when). If the cause is still there,
-    the restarted BMS sees it before it would close and latches the fault again.
-    """
-    store = LatchStore(config.protection.latch_file)
-    if action == "clear":
-        try:
-            cleared = store.clear(fault_ids or None)
-        except LatchStoreBusy as exc:
-            print(f"{exc}: stop it first (systemctl stop pybms)", file=sys.stderr)
-            return app.EXIT_SETUP_FAILED
-        except KeyError as exc:
-            print(f"{exc.args[0]}; nothing was cleared", file=sys.stderr)
-            return app.EXIT_USAGE_ERROR
-        print(f"cleared: {', '.join(cleared) or 'nothing was latched'}")
-        return 0
-    latched = store.load()
-    print(f"{store.path}:")
-    if not latched:
-        print("no latched faults")
-    for record in latched.values():
-        print(f"{record.fault_id}  latched {record.latched_at_utc}  {record.description}")
-    return 0
 
 
 def _identify(args: argparse.Namespace) -> int:

@@ -9,9 +9,10 @@ they name, so a typo in a driver option is caught at load time like any other.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -161,6 +162,45 @@ class ProtectionConfig(StrictModel):
         return self
 
 
+UNIX_SOCKET_PATH_MAX = 107
+"""sun_path holds 108 bytes with its terminating NUL."""
+
+
+class ServiceConfig(StrictModel):
+    """How the process runs as a service: its control socket and real-time set-up."""
+
+    control_socket: RelativePath | None = Field(
+        None, description="Unix socket for bms status / bms faults; none: no socket"
+    )
+    admin_group: str | None = Field(
+        None,
+        min_length=1,
+        description="members (and root) may clear latched faults; none: whoever may connect",
+    )
+    realtime_priority: int = Field(0, ge=0, le=99, description="SCHED_FIFO priority; 0: off")
+    cpu_affinity: list[Annotated[int, Field(ge=0, le=4095)]] = Field(
+        default_factory=list, description="CPUs the loop may run on; empty: any"
+    )
+    freeze_gc: bool = Field(True, description="gc.freeze() after warm-up")
+
+    @model_validator(mode="after")
+    def _socket_path_fits(self) -> ServiceConfig:
+        path = self.control_socket
+        if path is not None and len(str(path).encode()) > UNIX_SOCKET_PATH_MAX:
+            raise ValueError(
+                f"control_socket path is {len(str(path).encode())} bytes, more than a Unix "
+                f"socket takes ({UNIX_SOCKET_PATH_MAX}): {path}"
+            )
+        return self
+
+
+class StoreConfig(StrictModel):
+    """Where the pack's state and the fault log persist (SQLite)."""
+
+    path: RelativePath
+    interval_s: float = Field(10.0, ge=0.1, le=3600.0, description="state written this often")
+
+
 class BackendSection(BaseModel):
     """A section that names its backend; the rest is checked by that backend's options."""
 
@@ -183,6 +223,8 @@ class FileConfig(StrictModel):
     diagnosis: DiagnosisConfig = DiagnosisConfig()
     derating: DeratingConfig = DeratingConfig()
     balancing: BalancingConfig = BalancingConfig()
+    service: ServiceConfig = ServiceConfig()
+    store: StoreConfig | None = None
     sim: dict[str, Any] | None = None
 
 
@@ -210,10 +252,14 @@ class BmsConfig:
     diagnosis: DiagnosisConfig
     derating: DeratingConfig
     balancing: BalancingConfig
+    service: ServiceConfig
+    store: StoreConfig | None
     frontend: BackendChoice
     contactors: BackendChoice
     publisher: BackendChoice | None
     sim: BackendChoice | None
+    sha256: str = ""
+    """Of the config file's bytes, for the store's record of the last config that ran."""
 
     def summary(self) -> dict[str, Any]:
         """The resolved config as plain data, for ``bms check-config``."""
@@ -229,6 +275,8 @@ class BmsConfig:
             "limits",
             "diagnosis",
             "derating",
+            "service",
+            "store",
         ):
             section = getattr(self, name)
             if section is not None:
@@ -239,6 +287,10 @@ class BmsConfig:
                 resolved[name] = {"backend": choice.name, **choice.options.model_dump(mode="json")}
         return resolved
 
+
+DEFAULT_CONFIG_PATHS = ("/etc/pybms/pack.toml", "config/sim.toml")
+"""Where the tools look for a config when none is named: the installed service's, then the
+simulated pack's (relative to the working directory)."""
 
 SIM_BACKEND = "pack"
 """The one simulator registered in ``bms.simulators``; ``[sim]`` configures it."""
@@ -289,10 +341,13 @@ def load_config(path: str | Path) -> BmsConfig:
         diagnosis=parsed.diagnosis,
         derating=parsed.derating,
         balancing=parsed.balancing,
+        service=parsed.service,
+        store=parsed.store,
         frontend=choices["frontend"],
         contactors=choices["contactors"],
         publisher=choices["publisher"],
         sim=choices["sim"],
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
     )
 
 

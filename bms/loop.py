@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +37,9 @@ from bms.protection.plausibility import (
     graded_conditions,
     measurement_conditions,
 )
-from bms.store import utc_now_iso
-from bms.store.latches import LatchRecord, LatchStore
+from bms.report import sample_record
+from bms.store.latches import LatchKeeper, LatchStore
+from bms.store.recorder import PackRecorder
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, Measurement, PackStatus
 
 log = logging.getLogger(__name__)
@@ -149,9 +152,11 @@ class ControlCycle:
         contactors: ContactorDriver,
         publisher: Publisher | None,
         latch_store: LatchStore | None = None,
+        recorder: PackRecorder | None = None,
     ):
         """``latch_store``: where latched faults persist; those found there at start hold the
-        contactors open from the first cycle. None keeps latches in memory only (tests)."""
+        contactors open from the first cycle. None keeps latches in memory only (tests).
+        ``recorder``: the state store (SOC, throughput, fault log); None: not persisted."""
         self.config = config
         self.frontend = frontend
         self.contactors = contactors
@@ -171,39 +176,20 @@ class ControlCycle:
         )
         self.estimate: Estimate = self.estimator.unknown()
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
-        self.charge_check: ChargeCrossCheck | None = None
-        if protection.charge_check_tolerance_a is not None:
-            self.charge_check = ChargeCrossCheck(
-                protection.charge_check_window_s,
-                cell.capacity_ah * config.pack.n_parallel,
-                protection.charge_check_tolerance_a,
-            )
-        self.latch_store = latch_store
-        self.latch_records: dict[str, LatchRecord] = {}
-        self._latches_unsaved = False
-        self._latch_write_failed = False
-        self._latch_tried_s = -math.inf
-        if latch_store is not None:
-            self.latch_records = latch_store.open_for_run()
-            if self.latch_records:
-                log.warning(
-                    "latched before this start, contactors stay open until cleared "
-                    "(bms faults clear): %s",
-                    ", ".join(self.latch_records),
-                )
-        self.diagnosis = Diagnosis(config.diagnosis, latched=self.latch_records)
+        self.charge_check = self._charge_check(config)
+        self.recorder = recorder
+        self.latches = LatchKeeper(latch_store, recorder)
+        if recorder is not None:
+            restored = recorder.restored_soc(n_cells, config.soc.rest_time_s)
+            if restored is not None:
+                self.estimator.set_soc(*restored)
+        self.diagnosis = Diagnosis(config.diagnosis, latched=self.latches.records)
+        self.requests: queue.SimpleQueue[tuple[list[str] | None, str, Future]] = queue.SimpleQueue()
+        self.last_cycle_healthy = False
+        self.sample_complete = False
+        self._feedback = ContactorFeedback(ALL_OPEN, valid=False)
         self.limiter = CurrentLimiter(config.limits, config.derating, config.pack.n_parallel)
-        self.balancer: Balancer | None = None
-        if config.balancing.enabled:
-            if frontend.supports_balancing:
-                self.balancer = Balancer(
-                    config.balancing, n_cells, cell.capacity_ah * config.pack.n_parallel
-                )
-            else:
-                log.warning(
-                    "[balancing] is enabled but the %s front-end cannot balance",
-                    config.frontend.name,
-                )
+        self.balancer = self._balancer(config)
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
         self.protection_failed = False
@@ -225,11 +211,15 @@ class ControlCycle:
         failing read or estimate becomes a fault; a failure of protection itself opens the
         contactors for good (``internal_error``, until restart).
         """
+        self._serve_requests()
+        failures_before = sum(self.errors.counts.values())
         conditions: dict[str, bool | None] = {
             "loop_lag": lagging,
             "loop_stalled": stalled,
-            "latch_store_write_failed": self._latch_write_failed,
+            "latch_store_write_failed": self.latches.write_failed,
         }
+        if self.recorder is not None:
+            conditions["store_write_failed"] = self.recorder.failed
 
         # 1. read (the two sources separately: a dead front-end must not hide a weld)
         try:
@@ -245,6 +235,7 @@ class ControlCycle:
         except Exception:
             self.errors.report("contactor feedback read")
             feedback = ContactorFeedback(ALL_OPEN, valid=False)
+        self._feedback = feedback
         conditions["contactor_feedback_invalid"] = not feedback.valid
 
         estimate = self.estimate
@@ -300,8 +291,13 @@ class ControlCycle:
                 log.info("contactors: %s -> %s", self._last_state.value, state.value)
                 self._last_state = state
             for fault_id in verdict.newly_latched:
-                log.error("fault latched: %s (%s)", fault_id, FAULTS[fault_id].description)
-            self._record_latches(verdict.newly_latched)
+                log.error(
+                    "fault latched: %s (%s)",
+                    fault_id,
+                    FAULTS[fault_id].description,
+                    extra={"fault_id": fault_id},
+                )
+            self._record_latches(verdict.newly_latched, m, estimate, active)
         except Exception:
             if not self.protection_failed:
                 log.critical("fault latched: internal_error (protection itself failed)")
@@ -310,8 +306,8 @@ class ControlCycle:
         if self.protection_failed:
             state, command = ContactorState.FAULT, ALL_OPEN
             active = ("internal_error",)
-            self._record_latches(("internal_error",))
-            latched = tuple(self.latch_records)
+            self._record_latches(("internal_error",), m, estimate, active)
+            latched = tuple(self.latches.records)
 
         # Derating and balancing: only while no active fault forbids a close (nor a latch).
         forbidden = bool(latched) or any(FAULTS[f].action >= Action.NO_CLOSE for f in active)
@@ -365,12 +361,24 @@ class ControlCycle:
         # disk before the next cycle (a failed write is retried every second, and forbids a
         # close meanwhile).
         self._save_latches(t_s)
+        if self.recorder is not None:
+            try:
+                soh = self.estimator.capacity_ah / self.estimator.cell.capacity_ah
+                self.recorder.on_cycle(t_s, dt_s, m, estimate, soh)
+            except Exception:
+                self.errors.report("recording the state")
         # 6. publish
         if self.publisher is not None:
             try:
                 self.publisher.publish(status)
             except Exception:
                 self.errors.report("publish")
+        self.sample_complete = not m.stale_groups and feedback.valid and m is not self._empty
+        self.last_cycle_healthy = (
+            not self.protection_failed
+            and not stalled
+            and sum(self.errors.counts.values()) == failures_before
+        )
         return status
 
     def _frontend_faults(self, fault_ids: tuple[str, ...]) -> dict[str, bool]:
@@ -382,32 +390,135 @@ class ControlCycle:
         found = dict.fromkeys((f for f in fault_ids if f in FAULTS), True)
         return found | ({"frontend_error": True} if unknown else {})
 
-    def _record_latches(self, fault_ids: tuple[str, ...]) -> None:
+    RESTART_SECTIONS = (
+        "pack",
+        "loop",
+        "can",
+        "soc",
+        "service",
+        "store",
+        "frontend",
+        "contactors",
+        "publisher",
+        "sim",
+    )
+    """What a reload cannot change under a running loop: the pack's shape, its buses and
+    backends, the rate, the persistence. The rest (limits, protection, diagnosis, derating,
+    balancing, control) takes effect between two cycles."""
+
+    def _charge_check(self, config: BmsConfig) -> ChargeCrossCheck | None:
+        protection = config.protection
+        if protection.charge_check_tolerance_a is None:
+            return None
+        return ChargeCrossCheck(
+            protection.charge_check_window_s,
+            self.estimator.cell.capacity_ah * config.pack.n_parallel,
+            protection.charge_check_tolerance_a,
+        )
+
+    def _balancer(self, config: BmsConfig) -> Balancer | None:
+        if not config.balancing.enabled:
+            return None
+        if not self.frontend.supports_balancing:
+            log.warning(
+                "[balancing] is enabled but the %s front-end cannot balance",
+                config.frontend.name,
+            )
+            return None
+        capacity_ah = self.estimator.cell.capacity_ah * config.pack.n_parallel
+        balancer = Balancer(config.balancing, config.pack.n_cells, capacity_ah)
+        if getattr(self, "balancer", None) is not None:
+            balancer.selected = self.balancer.selected  # the hysteresis carries on
+        return balancer
+
+    def reconfigure(self, new: BmsConfig) -> list[str]:
+        """Apply a reloaded config between cycles. Returns the sections that changed but need
+        a restart; then nothing is applied (all or nothing), so the loop runs on the old."""
+        restart = [s for s in self.RESTART_SECTIONS if getattr(self.config, s) != getattr(new, s)]
+        if restart:
+            return restart
+        self.config = new
+        protection = new.protection
+        self.estimator.power_voltage_min_v = max(
+            new.limits.cell_voltage_low_v.mol, self.estimator.cell.voltage_min_v
+        )
+        self.estimator.power_voltage_max_v = min(
+            new.limits.cell_voltage_high_v.mol, self.estimator.cell.voltage_max_v
+        )
+        self.stuck.stuck_time_s = protection.stuck_time_s
+        self.stuck.min_current_a = protection.stuck_min_current_a
+        self.charge_check = self._charge_check(new)
+        self.diagnosis.reconfigure(new.diagnosis)
+        limiter = CurrentLimiter(new.limits, new.derating, new.pack.n_parallel)
+        limiter.charge_limit_a = self.limiter.charge_limit_a  # the ramp carries on
+        limiter.discharge_limit_a = self.limiter.discharge_limit_a
+        self.limiter = limiter
+        self.balancer = self._balancer(new)
+        self.fsm.config = new.control
+        self.close_requested = new.control.close_on_start
+        return []
+
+    def _record_latches(
+        self, fault_ids: tuple[str, ...], m: Measurement, estimate: Estimate, active
+    ) -> None:
         for fault_id in fault_ids:
-            if fault_id not in self.latch_records:
-                spec = FAULTS.get(fault_id)
-                self.latch_records[fault_id] = LatchRecord(
-                    fault_id=fault_id,
-                    latched_at_utc=utc_now_iso(),
-                    description=spec.description if spec else fault_id,
-                )
-                self._latches_unsaved = True
-                self._latch_tried_s = -math.inf  # write at once
+            spec = FAULTS.get(fault_id)
+            description = spec.description if spec else fault_id
+            self.latches.latch(fault_id, description, sample_record(m, estimate, active))
 
     def _save_latches(self, t_s: float) -> None:
-        if not self._latches_unsaved or self.latch_store is None:
-            return
-        if t_s - self._latch_tried_s < 1.0:
-            return
-        self._latch_tried_s = t_s
         try:
-            self.latch_store.save(self.latch_records)
+            self.latches.save(t_s)
         except Exception:
             self.errors.report("writing the latched faults")
-            self._latch_write_failed = True
-            return
-        self._latches_unsaved = False
-        self._latch_write_failed = False
+
+    def _serve_requests(self) -> None:
+        """Answer the clear requests the control socket handed over since the last cycle."""
+        while True:
+            try:
+                fault_ids, who, reply = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if not reply.set_running_or_notify_cancel():
+                continue  # the asker gave up waiting
+            try:
+                reply.set_result(self.clear_latched(fault_ids, who))
+            except Exception as exc:
+                self.errors.report("clearing latched faults")
+                reply.set_exception(exc)
+
+    def clear_latched(self, fault_ids: list[str] | None, who: str) -> dict:
+        """Clear latched faults (all when None) whose cause is gone; refuse the others, with
+        the reason. Runs in the loop's thread, between two cycles."""
+        ids = list(self.latches.records) if fault_ids is None else list(fault_ids)
+        cleared, refused = [], {}
+        for fault_id in ids:
+            reason = self._why_not_clear(fault_id)
+            if reason is not None:
+                refused[fault_id] = reason
+                continue
+            self.diagnosis.clear(fault_id)
+            self.fsm.clear(fault_id)
+            self.latches.clear(fault_id, who)
+            cleared.append(fault_id)
+        if cleared:
+            log.warning("latched faults cleared by %s: %s", who, ", ".join(cleared))
+            self._save_latches(math.inf)
+        return {"ok": not refused, "cleared": cleared, "refused": refused}
+
+    def _why_not_clear(self, fault_id: str) -> str | None:
+        if fault_id not in self.latches.records:
+            return "not latched"
+        if fault_id == "internal_error" and self.protection_failed:
+            return "protection itself failed in this run: restart the service"
+        if fault_id in self.fsm.faults:
+            feedback = self._feedback
+            if feedback.valid and not feedback.relays.any_closed:
+                return None
+            return "the contactor feedback does not show every relay open"
+        if self.diagnosis.cause_present(fault_id):
+            return "its cause is still present (or was in the last cycles)"
+        return None
 
     def close(self) -> None:
         """A last attempt to write latches that could not be written yet."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bms.types import PackStatus
+from bms.types import Estimate, Measurement, PackStatus
 
 
 def _extreme(values: np.ndarray, pick) -> tuple[float, int | None]:
@@ -82,6 +82,31 @@ def status_record(
         "cycle_time_mean_s": cycle_time_mean_s,
         "cycle_time_max_s": cycle_time_max_s,
         "missed_cycles": missed_cycles,
+    }
+
+
+def _plain(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(v) else round(float(v), 6) for v in values]
+
+
+def sample_record(m: Measurement, estimate: Estimate, active_faults) -> dict[str, Any]:
+    """What the cycle saw, as JSON-ready data (NaN as null): the snapshot a fault log row
+    keeps of the sample that tripped it."""
+    scalars = {
+        "current_a": m.current_a,
+        "redundant_current_a": m.redundant_current_a,
+        "pack_voltage_v": m.pack_voltage_v,
+        "link_voltage_v": m.link_voltage_v,
+        "insulation_kohm": m.insulation_kohm,
+    }
+    return {
+        "t_s": round(m.t_s, 3),
+        "cell_voltage_v": _plain(m.cell_voltage_v),
+        "cell_temp_c": _plain(m.cell_temp_c),
+        **{k: None if math.isnan(v) else round(v, 6) for k, v in scalars.items()},
+        "stale": list(m.stale_groups),
+        "soc": _plain(estimate.soc),
+        "active_faults": list(active_faults),
     }
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def merge(base: dict, changes: dict) -> dict:
 def make_config(tmp_path):
     """Write a config derived from config/sim.toml with ``changes``; return its path.
 
-    Each config gets its own virtual CAN channel so tests never hear each other.
+    Each config gets its own virtual CAN channel, latch file, store and control socket, so
+    tests never hear each other (the socket lives in /tmp: a Unix socket path must be short).
     """
     counter = iter(range(1000))
 
@@ -61,6 +63,8 @@ def make_config(tmp_path):
             {
                 "can": {"channel": f"test-{os.getpid()}-{n}"},
                 "protection": {"latch_file": str(tmp_path / f"latched{n}.json")},
+                "store": {"path": str(tmp_path / f"store{n}.sqlite")},
+                "service": {"control_socket": f"/tmp/pybms-test-{uuid.uuid4().hex[:12]}.sock"},
             },
         )
         data = merge(data, changes or {})

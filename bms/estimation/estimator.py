@@ -91,12 +91,15 @@ class PackEstimator:
             *cells, *limits, np.zeros(n_cells, dtype=bool), np.zeros(n_cells, dtype=bool)
         )
 
-    def set_soc(self, soc: np.ndarray | float, soc_std: float | None = None) -> None:
-        """Start every cell at ``soc`` (at rest), e.g. from a persisted state or the user."""
+    def set_soc(self, soc: np.ndarray | float, soc_std: np.ndarray | float | None = None) -> None:
+        """Start every cell at ``soc`` (at rest) with the SOC sigma ``soc_std`` (scalars or
+        (n_cells,)), e.g. from a persisted state or the user."""
         std = self.cell.tuning.initial_soc_std if soc_std is None else soc_std
         self.x[:] = 0.0
         self.x[:, 0] = soc
-        self.p[:] = np.diag([std**2, INITIAL_RC_STD_V**2, INITIAL_RC_STD_V**2])
+        self.p[:] = 0.0
+        self.p[:, 0, 0] = np.square(std)
+        self.p[:, 1, 1] = self.p[:, 2, 2] = INITIAL_RC_STD_V**2
         self.known[:] = True
 
     def step(

@@ -141,13 +141,19 @@ class ContactorStateMachine:
                 self.faults.add(unconfirmed)
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
 
-        else:  # FAULT
+        else:  # FAULT: held while anything is latched or found here
             if feedback.valid and feedback.relays.any_closed:
                 self.faults.add("contactor_weld")
             if self._link_held_up(in_state_s, pack_voltage_v, link_voltage_v):
                 self.faults.add("link_voltage_held")
+            if not open_now and not self.faults:
+                self._enter(ContactorState.OPEN, t_s, ALL_OPEN)  # a person cleared it all
 
         return ContactorOutput(self.state, self.command, frozenset(self.faults))
+
+    def clear(self, fault_id: str) -> None:
+        """Forget a fault found here, once a person cleared its latch."""
+        self.faults.discard(fault_id)
 
     def _too_fast(self, in_state_s: float) -> bool:
         minimum_s = self.config.precharge_min_s

@@ -176,6 +176,13 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         debounce_cycles=1,
     ),
     FaultSpec(
+        "store_write_failed",
+        Action.WARN,
+        "the state store cannot be written (disk full, read-only, locked by another "
+        "process); writes are retried, and until then the SOC and the fault log are not saved",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
         "contactor_feedback_invalid",
         Action.OPEN_AFTER_DELAY,
         "contactor feedback is missing or stale",
@@ -281,14 +288,21 @@ class Diagnosis:
     def __init__(self, config: DiagnosisConfig, latched: Iterable[str] = ()):
         """``latched``: faults latched before a restart; they hold the contactors open from
         the first cycle (an id this table does not know stays latched too)."""
-        rows = {fault_id: config.row(fault_id) for fault_id in FAULTS}
-        self._needed = {fault_id: row.debounce_cycles for fault_id, row in rows.items()}
-        self._delay_s = {fault_id: row.open_delay_s for fault_id, row in rows.items()}
-        self._enabled = {fault_id for fault_id, row in rows.items() if row.enabled}
         self._counts = dict.fromkeys(FAULTS, 0.0)
         self._active = dict.fromkeys(FAULTS, False)
         self._active_s = dict.fromkeys(FAULTS, 0.0)
         self._latched: dict[str, None] = dict.fromkeys(latched)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: DiagnosisConfig) -> None:
+        """Take (new) row settings; counters, activity and latches carry over, a counter
+        capped at its row's (new) debounce count."""
+        rows = {fault_id: config.row(fault_id) for fault_id in FAULTS}
+        self._needed = {fault_id: row.debounce_cycles for fault_id, row in rows.items()}
+        self._delay_s = {fault_id: row.open_delay_s for fault_id, row in rows.items()}
+        self._enabled = {fault_id for fault_id, row in rows.items() if row.enabled}
+        for fault_id, needed in self._needed.items():
+            self._counts[fault_id] = min(self._counts[fault_id], needed)
 
     def update(self, conditions: Mapping[str, bool | None], dt_s: float) -> Verdict:
         """Take this cycle's raw conditions and return the verdict.
@@ -338,3 +352,17 @@ class Diagnosis:
             no_close=no_close,
             newly_latched=tuple(newly_latched),
         )
+
+    def cause_present(self, fault_id: str) -> bool:
+        """Whether the fault's condition was present recently (its counter is above zero or
+        it is still active); an id the table does not know has no cause to see."""
+        return fault_id in FAULTS and (self._counts[fault_id] > 0 or self._active[fault_id])
+
+    def clear(self, fault_id: str) -> None:
+        """Unlatch ``fault_id`` (a person's decision; the caller checked its cause is gone)
+        and reset its counter, so a cause judged elsewhere (the contactor state machine)
+        must be found again to latch again."""
+        self._latched.pop(fault_id, None)
+        if fault_id in FAULTS:
+            self._counts[fault_id] = 0.0
+            self._active[fault_id] = False

@@ -196,3 +196,83 @@ class LatchStore:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+class LatchKeeper:
+    """The latched set of one run: kept in memory, written to the latch file in the cycle
+    that changes it (a failed write is retried every ``RETRY_S`` and reported), and copied to
+    the state store, whose copy is merged in at start (the union of both copies holds)."""
+
+    RETRY_S = 1.0
+
+    def __init__(self, store: LatchStore | None = None, recorder=None):
+        """``store``: the latch file (None: memory only, for tests); ``recorder``: the
+        state store's recorder (bms/store/recorder.py) or None."""
+        self.store = store
+        self.recorder = recorder
+        self.records: dict[str, LatchRecord] = {}
+        self.write_failed = False
+        self._unsaved = False
+        self._tried_s = -float("inf")
+        self._cleared: list[dict] = []
+        if store is not None:
+            self.records = store.open_for_run()
+        if recorder is not None:
+            self._merge(recorder)
+        if self.records:
+            log.warning(
+                "latched before this start, contactors stay open until cleared "
+                "(bms faults clear): %s",
+                ", ".join(self.records),
+            )
+
+    def _merge(self, recorder) -> None:
+        copy = recorder.latched_copy
+        for fault_id, (when, text) in copy.items():
+            if fault_id not in self.records:
+                self.records[fault_id] = LatchRecord(
+                    fault_id=fault_id, latched_at_utc=when, description=text
+                )
+                self._unsaved = True
+        recorder.copy_latched(
+            {f: (r.latched_at_utc, r.description) for f, r in self.records.items() if f not in copy}
+        )
+
+    def latch(self, fault_id: str, description: str, sample: dict) -> None:
+        """A fault latched now; ``sample`` is what the cycle saw (for the fault log)."""
+        if fault_id in self.records:
+            return
+        record = LatchRecord(
+            fault_id=fault_id, latched_at_utc=utc_now_iso(), description=description
+        )
+        self.records[fault_id] = record
+        self._unsaved = True
+        self._tried_s = -float("inf")  # write at once
+        if self.recorder is not None:
+            self.recorder.on_latched(fault_id, record.latched_at_utc, description, sample)
+
+    def clear(self, fault_id: str, cleared_by: str) -> None:
+        """A person cleared ``fault_id`` (the caller checked that its cause is gone)."""
+        del self.records[fault_id]
+        self._unsaved = True
+        self._tried_s = -float("inf")
+        self._cleared.append(
+            {"fault_id": fault_id, "cleared_at_utc": utc_now_iso(), "cleared_by": cleared_by}
+        )
+        if self.recorder is not None:
+            self.recorder.on_cleared(fault_id, self._cleared[-1]["cleared_at_utc"], cleared_by)
+
+    def save(self, t_s: float) -> None:
+        """Write the file if anything changed (at most every RETRY_S after a failure, which
+        raises for the caller to report and leaves ``write_failed`` set)."""
+        if not self._unsaved or self.store is None or t_s - self._tried_s < self.RETRY_S:
+            return
+        self._tried_s = t_s
+        try:
+            self.store.save(self.records, self._cleared)
+        except Exception:
+            self.write_failed = True
+            raise
+        self._cleared = []
+        self._unsaved = False
+        self.write_failed = False

@@ -145,6 +145,15 @@ class StateStore:
                 (fault_id, latched_utc, description),
             )
 
+    def copy_latched(self, fault_id: str, latched_utc: str, description: str) -> None:
+        """Put a latch into the latched set's copy without a log row (it was logged when it
+        latched, or came back from the JSON latch file)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO latched VALUES (?, ?, ?)",
+                (fault_id, latched_utc, description),
+            )
+
     def log_clear(self, fault_id: str, cleared_utc: str, cleared_by: str) -> None:
         """A person cleared a latched fault: record who and when on its open log rows."""
         with self._transaction() as db:
@@ -182,6 +191,21 @@ class StateStore:
             FaultEntry(id_, fault, when, text, json.loads(sample), cleared, by)
             for id_, fault, when, text, sample, cleared, by in rows
         ]
+
+    @staticmethod
+    def read_fault_log(path: Path, limit: int = 100) -> list[FaultEntry]:
+        """The fault log read through a connection of its own, read-only: for the control
+        socket's thread and for ``bms faults`` while the writer owns the store."""
+        try:
+            connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store {path}: {exc}") from None
+        try:
+            return StateStore(connection, Path(path)).fault_log(limit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the fault log in {path}: {exc}") from None
+        finally:
+            connection.close()
 
     def meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

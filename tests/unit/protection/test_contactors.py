@@ -262,3 +262,19 @@ def test_a_link_held_up_after_a_fault_opening_is_reported_too():
     out = drive(fsm, box, 40, t0_s=2.0, open_now=True)
     assert out.state is ContactorState.FAULT
     assert "link_voltage_held" in out.faults
+
+
+def test_a_fault_state_is_left_only_when_nothing_holds_it():
+    """FAULT holds while anything is latched (open_now) or found here; once a person has
+    cleared all of it, the machine is OPEN and may close again."""
+    fsm, box = ContactorStateMachine(CONFIG), Box(welded=True)
+    drive(fsm, box, 20)
+    out = drive(fsm, box, 10, t0_s=2.0, close=False)
+    assert "contactor_weld" in out.faults and out.state is ContactorState.FAULT
+    box.welded = False
+    box.relays = ALL_OPEN  # repaired
+    assert drive(fsm, box, 3, t0_s=3.0, open_now=True).state is ContactorState.FAULT
+    fsm.clear("contactor_weld")
+    assert drive(fsm, box, 3, t0_s=3.3, open_now=True).state is ContactorState.FAULT
+    assert drive(fsm, box, 1, t0_s=3.6, open_now=False).state is ContactorState.OPEN
+    assert drive(fsm, box, 20, t0_s=3.7).state is ContactorState.CLOSED

@@ -156,3 +156,47 @@ def test_row_settings_cannot_switch_safety_off(rows, message):
 
     with pytest.raises(ValidationError, match=message):
         DiagnosisConfig(rows=rows)
+
+
+def test_a_cleared_latch_releases_and_must_be_found_again_to_latch_again():
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=2, open_delay_s=0.0))
+    for _ in range(3):
+        verdict = diagnosis.update({"cell_voltage_high_msl": True}, 0.1)
+    assert verdict.latched == ("cell_voltage_high_msl",)
+    assert diagnosis.cause_present("cell_voltage_high_msl")
+    for _ in range(4):  # the cause went away: the counter drains to zero (0.5 per cycle)
+        verdict = diagnosis.update({"cell_voltage_high_msl": False}, 0.1)
+    assert not diagnosis.cause_present("cell_voltage_high_msl")
+    assert verdict.latched == ("cell_voltage_high_msl",)  # a latch never clears by itself
+    diagnosis.clear("cell_voltage_high_msl")
+    verdict = diagnosis.update({"cell_voltage_high_msl": True}, 0.1)
+    assert verdict.latched == () and verdict.active == ()  # one cycle: not yet again
+    verdict = diagnosis.update({"cell_voltage_high_msl": True}, 0.1)
+    assert verdict.latched == ("cell_voltage_high_msl",)
+
+
+def test_clearing_resets_a_counter_the_state_machine_keeps_feeding():
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3))
+    for _ in range(3):
+        verdict = diagnosis.update({"contactor_weld": True}, 0.1)
+    assert verdict.latched == ("contactor_weld",)
+    diagnosis.clear("contactor_weld")
+    assert not diagnosis.cause_present("contactor_weld")
+    assert diagnosis.update({}, 0.1).latched == ()
+
+
+def test_an_unknown_latched_id_has_no_cause_and_clears():
+    diagnosis = Diagnosis(DiagnosisConfig(), latched=["from_an_older_version"])
+    assert not diagnosis.cause_present("from_an_older_version")
+    diagnosis.clear("from_an_older_version")
+    assert diagnosis.update({}, 0.1).latched == ()
+
+
+def test_reconfigured_rows_keep_their_counters_capped_at_the_new_debounce():
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=5))
+    for _ in range(4):
+        diagnosis.update({"temperature_invalid": True}, 0.1)
+    diagnosis.reconfigure(DiagnosisConfig(debounce_cycles=3, open_delay_s=10.0))
+    verdict = diagnosis.update({"temperature_invalid": True}, 0.1)
+    assert "temperature_invalid" in verdict.active  # 3 reached, counted before the reload
+    assert verdict.latched == ()  # the new 10 s delay applies

@@ -1,0 +1,1 @@
+"""State of health: throughput and ageing of the cells."""
