@@ -304,7 +304,9 @@ def load_config(path: str | Path) -> BmsConfig:
         parsed = load_model(path, FileConfig, context)
     except SchemaError as exc:
         raise ConfigError(exc.problems) from None
-    context["n_cells"] = parsed.pack.n_cells  # backends may check their options against it
+    # backends may check their options against the pack
+    context["n_cells"] = parsed.pack.n_cells
+    context["n_temp_sensors"] = parsed.pack.n_temp_sensors
 
     problems: list[str] = []
     limits = _load_limits(path, parsed, problems)

@@ -116,6 +116,84 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         "frontend_timeout", Action.OPEN_AFTER_DELAY, "front-end messages older than their timeout"
     ),
     FaultSpec("frontend_error", Action.OPEN_AFTER_DELAY, "the front-end failed to read"),
+    *(
+        FaultSpec(
+            f"frontend_{name}",
+            Action.NO_CLOSE,
+            f"the front-end device's own {text} protection tripped (it may have switched "
+            "its own FETs off); our own limits on the same readings do the opening",
+        )
+        for name, text in (
+            ("cell_overvoltage", "cell over-voltage"),
+            ("cell_undervoltage", "cell under-voltage"),
+            ("pack_overvoltage", "pack over-voltage"),
+            ("pack_undervoltage", "pack under-voltage"),
+            ("overcurrent_charge", "charge over-current"),
+            ("overcurrent_discharge", "discharge over-current"),
+            ("overtemperature", "over-temperature"),
+            ("undertemperature", "under-temperature"),
+        )
+    ),
+    FaultSpec(
+        "frontend_short_circuit",
+        Action.OPEN_NOW,
+        "the front-end device detected a short circuit",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
+        "frontend_permanent_fail",
+        Action.OPEN_NOW,
+        "the front-end device latched a permanent failure",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
+        "frontend_device_error",
+        Action.OPEN_AFTER_DELAY,
+        "the front-end device reports an internal error: its measurements cannot be trusted",
+    ),
+    FaultSpec(
+        "frontend_current_sensor_fault",
+        Action.OPEN_AFTER_DELAY,
+        "the current sensor reports a fault of its own (its trim memory failed): its current "
+        "is invalid",
+    ),
+    FaultSpec(
+        "frontend_config_mismatch",
+        Action.OPEN_AFTER_DELAY,
+        "the front-end reports another number of cells or temperature sensors than [pack] "
+        "configures; its readings are refused",
+    ),
+    FaultSpec(
+        "frontend_host_watchdog",
+        Action.WARN,
+        "the front-end device heard nothing from us for its own watchdog time",
+    ),
+    FaultSpec(
+        "frontend_precharge_timeout", Action.WARN, "the front-end device's own precharge timed out"
+    ),
+    FaultSpec("frontend_fets_locked", Action.WARN, "the front-end device's FETs are locked off"),
+    FaultSpec("frontend_charge_fet_off", Action.WARN, "the front-end device's charge FET is off"),
+    FaultSpec(
+        "frontend_discharge_fet_off", Action.WARN, "the front-end device's discharge FET is off"
+    ),
+    FaultSpec(
+        "can_bus_off",
+        Action.OPEN_AFTER_DELAY,
+        "the CAN controller is bus-off, or the interface is down or gone (it is re-opened "
+        "with back-off): nothing is received or sent",
+    ),
+    FaultSpec(
+        "can_error_passive",
+        Action.WARN,
+        "the CAN controller is error-passive (an error counter at 128 or more): wiring, "
+        "termination or a failing node",
+    ),
+    FaultSpec(
+        "can_transmit_failed",
+        Action.OPEN_AFTER_DELAY,
+        "every CAN send failed for 0.25 s (nobody acknowledges, or the queue is full); the "
+        "contactor box's dead-man opens its relays",
+    ),
     FaultSpec("loop_lag", Action.OPEN_AFTER_DELAY, "the control loop wakes up late on average"),
     FaultSpec(
         "loop_stalled",

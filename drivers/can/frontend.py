@@ -1,24 +1,40 @@
-"""A cell-monitoring front-end on CAN, decoded through the DBC.
+"""A cell-monitoring front-end on CAN, mapped onto the DBC by its options.
 
-Signals follow one naming rule, checked against the DBC when the backend opens: cell ``i``
-(counting from 0) is ``Cell{i+1}_Voltage`` with its flag ``Cell{i+1}_VoltageInvalid``,
-temperature sensor ``j`` is ``Temp{j+1}`` with ``Temp{j+1}_Invalid``, and the pack message
-carries ``PackCurrent``, ``PackVoltage`` and ``LinkVoltage``. Every value keeps the time it was
-received; one older than its group's timeout is NaN and its group is reported stale.
+Every quantity is bound to DBC signals by name, written ``Message.Signal``: the cell voltages
+and temperatures (each with an optional invalid flag), the pack current, the pack voltage, the
+DC-link voltage and the insulation monitor. A per-cell option is either a list of names, one per
+cell (or sensor), or one template filled in for each: ``{n}`` is the cell's number counting from
+1, and with ``cells_per_module`` (``sensors_per_module``) ``{module}`` and ``{slot}`` are its
+module and its place in the module, both counting from 1. So one multiplexed message
+(``CMU_CellVoltages.Cell{n}_Voltage``, the default) and one plain message per module
+(``CMU{module}_Voltages.Cell{slot}``) are both one line. Every name is checked against the DBC
+when the backend opens, with the nearest name the DBC has as a suggestion.
+
+Per message (opendbc's parser does the same): its period is the DBC's ``GenMsgCycleTime`` where
+it has one, else ``period_s``; a value older than ``timeout_periods`` periods (or its group's
+``*_timeout_s``) is NaN and its group is reported stale. A frame of the wrong length, with a
+wrong checksum (the signal the DBC's ``ChecksumAlgorithm`` attribute marks), one cantools cannot
+decode, or one that repeats the previous rolling counter (the signal named ``counter_signal``,
+counted separately for each multiplexer value) is dropped and counted, never decoded into values.
+The bus itself is judged by the link (:class:`drivers.can.link.BusHealth`): its faults are
+listed in ``Measurement.frontend_faults``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import string
+from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import Field
+from cantools.database.can import Message
+from pydantic import Field, ValidationInfo, field_validator
 
 from bms.backends import FrontEnd
-from bms.comms.dbc import DbcError
+from bms.comms.dbc import DbcCodec, DbcError
 from bms.config import BmsConfig
-from bms.schema import StrictModel
+from bms.schema import StrictModel, suggest
 from bms.types import (
     CELL_VOLTAGE_GROUP,
     INSULATION_GROUP,
@@ -26,63 +42,184 @@ from bms.types import (
     TEMPERATURE_GROUP,
     Measurement,
 )
-from drivers.can.link import CanBackend, CanLink, RollingCounter
+from drivers.can.link import CanBackend, CanLink, FrameChecksum, HealthPolicy, RollingCounter
 
 log = logging.getLogger(__name__)
 
+SignalList = str | list[str]
+"""One ``Message.Signal`` template for every cell (or sensor), or an explicit list of names.
+In a list of flags, ``""`` is a value without a flag; an optional option set to ``""`` is off
+(TOML has no null)."""
+
+TEMPLATE_FIELDS = frozenset({"n", "module", "slot"})
+
+
+def expand(spec: SignalList, count: int, per_module: int | None) -> list[str | None]:
+    """The ``count`` signal names of ``spec``: the list itself (``""`` as None), or the
+    template filled in."""
+    if isinstance(spec, list):
+        return [name or None for name in spec]
+    per_module = per_module or 1
+    return [
+        spec.format(n=i + 1, module=i // per_module + 1, slot=i % per_module + 1)
+        for i in range(count)
+    ]
+
+
+def _check_spec(
+    spec: SignalList, count: int | None, module_option: str, per_module: int | None, flags: bool
+) -> None:
+    """A template's fields must be known (and {module}/{slot} need the module size); a list
+    must name one signal per cell (a list of ``flags`` may leave some out with ``""``); every
+    name is ``Message.Signal``."""
+    if isinstance(spec, list):
+        if count is not None and len(spec) != count:
+            raise ValueError(f"lists {len(spec)} signals for {count}")
+        names = [name for name in spec if name or not flags]
+    else:
+        fields = {name for _, name, _, _ in string.Formatter().parse(spec) if name is not None}
+        unknown = fields - TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown template field {{{sorted(unknown)[0]}}} (known: {{n}}, {{module}}, "
+                "{slot})"
+            )
+        if fields & {"module", "slot"} and per_module is None:
+            raise ValueError(f"uses {{module}} or {{slot}}: set {module_option}")
+        names = expand(spec, 1, per_module)
+    for name in names:
+        _split(name)
+
+
+def _split(name: str) -> tuple[str, str]:
+    message, dot, signal = name.partition(".")
+    if not (dot and message and signal) or "." in signal:
+        raise ValueError(f"{name!r} is not Message.Signal")
+    return message, signal
+
+
+PER_CELL_OPTIONS = {
+    # option: (count in the validation context, its module-size option, a list of flags?)
+    "cell_voltage_signals": ("n_cells", "cells_per_module", False),
+    "cell_invalid_signals": ("n_cells", "cells_per_module", True),
+    "balancing_signals": ("n_cells", "cells_per_module", False),
+    "temperature_signals": ("n_temp_sensors", "sensors_per_module", False),
+    "temperature_invalid_signals": ("n_temp_sensors", "sensors_per_module", True),
+}
+
 
 class CanFrontEndOptions(StrictModel):
-    cell_voltage_message: str = "CMU_CellVoltages"
-    temperature_message: str = "CMU_CellTemperatures"
-    pack_message: str = "CMU_PackMeasurements"
-    cell_voltage_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
-    temperature_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
-    pack_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
-    insulation_message: str = Field(
-        "IMD_Info", description="read when [protection] sets insulation thresholds"
+    """The ``[frontend]`` options of the CAN front-end. Signal names are ``Message.Signal``;
+    an optional one set to ``""`` is off."""
+
+    # the module sizes come first: the per-cell options are checked against them
+    cells_per_module: int | None = Field(
+        None, ge=1, le=1024, description="cells per module, for {module} and {slot}"
     )
-    insulation_timeout_s: float = Field(2.0, gt=0.0, le=60.0)
-    balancing_message: str = "BMS_BalancingCommand"
+    sensors_per_module: int | None = Field(None, ge=1, le=1024)
+    cell_voltage_signals: SignalList = "CMU_CellVoltages.Cell{n}_Voltage"
+    cell_invalid_signals: SignalList | None = Field(
+        "CMU_CellVoltages.Cell{n}_VoltageInvalid",
+        description="1 = the cell's voltage is not valid; each in its voltage's frames",
+    )
+    temperature_signals: SignalList = "CMU_CellTemperatures.Temp{n}"
+    temperature_invalid_signals: SignalList | None = "CMU_CellTemperatures.Temp{n}_Invalid"
+    pack_current_signal: str = "CMU_PackMeasurements.PackCurrent"
+    pack_voltage_signal: str = "CMU_PackMeasurements.PackVoltage"
+    link_voltage_signal: str | None = Field(
+        "CMU_PackMeasurements.LinkVoltage",
+        description='"": not measured (NaN), so a precharge cannot complete',
+    )
+    insulation_signal: str = Field(
+        "IMD_Info.InsulationResistance",
+        description="read when [protection] sets insulation thresholds",
+    )
+    insulation_valid_signal: str | None = Field(
+        "IMD_Info.MeasurementValid", description="1 = the reading is valid (not still measuring)"
+    )
+    counter_signal: str | None = Field(
+        "Counter", description="the rolling counter's name, in every message that has one"
+    )
+    period_s: float = Field(
+        0.1, gt=0.0, le=60.0, description="period of a message without GenMsgCycleTime in the DBC"
+    )
+    timeout_periods: float = Field(
+        5.0, ge=1.5, le=1000.0, description="a value older than this many periods is stale"
+    )
+    cell_voltage_timeout_s: float | None = Field(
+        None, gt=0.0, le=60.0, description="none: timeout_periods of each message's period"
+    )
+    temperature_timeout_s: float | None = Field(None, gt=0.0, le=60.0)
+    pack_timeout_s: float | None = Field(None, gt=0.0, le=60.0)
+    insulation_timeout_s: float | None = Field(None, gt=0.0, le=60.0)
+    balancing_signals: SignalList | None = Field(
+        "BMS_BalancingCommand.Balance{n}", description='"": the front-end cannot balance'
+    )
+    bus_recovery_s: float = Field(
+        1.0,
+        gt=0.0,
+        le=60.0,
+        description="a bus fault stays reported until its cause has been gone this long",
+    )
+
+    @field_validator(
+        "cell_invalid_signals",
+        "temperature_invalid_signals",
+        "link_voltage_signal",
+        "insulation_valid_signal",
+        "counter_signal",
+        "balancing_signals",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value == "" else value
+
+    @field_validator(*PER_CELL_OPTIONS)
+    @classmethod
+    def _per_cell_names(cls, spec: SignalList | None, info: ValidationInfo):
+        """Checked against the pack's size from the validation context, where it has one."""
+        count_key, module_option, flags = PER_CELL_OPTIONS[info.field_name]
+        if spec is not None:
+            count = (info.context or {}).get(count_key)
+            _check_spec(spec, count, module_option, info.data.get(module_option), flags)
+        return spec
+
+    @field_validator(
+        "pack_current_signal",
+        "pack_voltage_signal",
+        "link_voltage_signal",
+        "insulation_signal",
+        "insulation_valid_signal",
+    )
+    @classmethod
+    def _one_name(cls, name: str | None):
+        if name is not None:
+            _split(name)
+        return name
+
+
+@dataclass(frozen=True, slots=True)
+class _Binding:
+    """One signal decoded into slot ``index`` of ``group``; a ``flag`` signal in the same
+    frame makes the value NaN unless it reads ``1`` (``flag_means_valid``) or ``0``."""
+
+    signal: str
+    group: _Group
+    index: int
+    flag: str | None = None
+    flag_means_valid: bool = False
 
 
 class _Group:
-    """Values of one signal group with the time each was last received.
+    """Values of one signal group (``name`` as in ``Measurement.stale_groups``), each with the
+    time it was last received and its timeout."""
 
-    With a ``counter`` (the message's rolling counter), a frame that repeats the previous
-    count is ignored, so a frozen sender goes stale instead of looking alive. With a
-    ``valid_flag``, a frame whose flag is not 1 makes the group's values NaN (fresh but
-    invalid: a device that is still measuring).
-    """
-
-    def __init__(
-        self,
-        names: list[str],
-        invalid_names: list[str | None],
-        timeout_s: float,
-        counter: RollingCounter | None = None,
-        valid_flag: str | None = None,
-    ):
-        self.index = {name: i for i, name in enumerate(names)}
-        self.invalid_index = {name: i for i, name in enumerate(invalid_names) if name}
-        self.values = np.full(len(names), np.nan)
-        self.rx_t_s = np.full(len(names), -np.inf)
-        self.timeout_s = timeout_s
-        self.counter = counter
-        self.valid_flag = valid_flag
-
-    def update(self, t_s: float, decoded: dict[str, float]) -> None:
-        if self.counter is not None and not self.counter.advanced(decoded["Counter"]):
-            return
-        for name, value in decoded.items():
-            i = self.index.get(name)
-            if i is not None:
-                self.values[i] = value
-                self.rx_t_s[i] = t_s
-        for name, i in self.invalid_index.items():
-            if decoded.get(name, 0) == 1:  # NaN flag (not available) reads as "not invalid"
-                self.values[i] = np.nan
-        if self.valid_flag is not None and decoded.get(self.valid_flag) != 1:
-            self.values[:] = np.nan
+    def __init__(self, name: str, size: int):
+        self.name = name
+        self.values = np.full(size, np.nan)
+        self.rx_t_s = np.full(size, -np.inf)
+        self.timeout_s = np.full(size, np.inf)
 
     def read(self, t_s: float) -> tuple[np.ndarray, bool]:
         """Return (values with stale ones as NaN, whether any is stale)."""
@@ -90,102 +227,285 @@ class _Group:
         return np.where(stale, np.nan, self.values), bool(stale.any())
 
 
+@dataclass
+class FrameStats:
+    """Frames the front-end dropped, by reason, and counter jumps (frames lost on the way)."""
+
+    malformed: int = 0
+    """Wrong length, or not decodable (an unknown multiplexer value, say)."""
+    checksum_errors: int = 0
+    counter_repeats: int = 0
+    counter_jumps: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.malformed + self.checksum_errors + self.counter_repeats
+
+
+@dataclass
+class _Reader:
+    """Everything the front-end takes from one DBC message, and how it checks its frames."""
+
+    message: Message
+    checksum: FrameChecksum | None
+    counter: str | None
+    counter_modulus: int
+    mux: str | None
+    common: list[_Binding] = field(default_factory=list)
+    by_mux: dict[int, list[_Binding]] = field(default_factory=dict)
+    counters: dict[int | None, RollingCounter] = field(default_factory=dict)
+
+    def add(self, binding: _Binding) -> None:
+        mux_ids = self.message.get_signal_by_name(binding.signal).multiplexer_ids
+        if not mux_ids:
+            self.common.append(binding)
+        for mux_id in mux_ids or ():
+            self.by_mux.setdefault(mux_id, []).append(binding)
+
+
+@dataclass
+class _Outgoing:
+    """A message the front-end sends: the signal of each cell (by index), its counter."""
+
+    message: Message
+    counter: str | None
+    counter_modulus: int
+    signals: dict[int, str] = field(default_factory=dict)
+    count: int = 0
+
+
+def _names(what: str, spec: SignalList | None, count: int, per_module: int | None):
+    """``count`` names from ``spec`` (None for each where there is no spec)."""
+    if spec is None:
+        return [None] * count
+    names = expand(spec, count, per_module)
+    if len(names) != count:
+        raise DbcError(f"[frontend] {len(names)} signals listed for {count} {what}s")
+    return names
+
+
+def _period_s(message: Message, default_s: float) -> float:
+    cycle_time_ms = message.cycle_time
+    return cycle_time_ms / 1000.0 if cycle_time_ms else default_s
+
+
 class CanFrontEnd(CanBackend, FrontEnd):
-    """Reads cell voltages, temperatures and pack measurements from CAN frames, and commands
-    the cells' bleed resistors."""
+    """Reads cell voltages, temperatures, pack and insulation measurements from CAN frames as
+    the options map them onto the DBC, and commands the cells' bleed resistors."""
 
     Options = CanFrontEndOptions
     supports_balancing = True
 
     def __init__(self, config: BmsConfig, options: CanFrontEndOptions):
+        self.options = options
+        self.stats = FrameStats()
         n_cells = config.pack.n_cells
         n_temps = config.pack.n_temp_sensors
-        cells = [f"Cell{i + 1}_Voltage" for i in range(n_cells)]
-        cell_flags = [f"Cell{i + 1}_VoltageInvalid" for i in range(n_cells)]
-        temps = [f"Temp{j + 1}" for j in range(n_temps)]
-        temp_flags = [f"Temp{j + 1}_Invalid" for j in range(n_temps)]
-        pack = ["PackCurrent", "PackVoltage", "LinkVoltage"]
-        self.pack_counter = RollingCounter()
+        self.cells = _Group(CELL_VOLTAGE_GROUP, n_cells)
+        self.temps = _Group(TEMPERATURE_GROUP, n_temps)
+        self.pack = _Group(PACK_GROUP, 3)  # current, pack voltage, link voltage
+        self.insulation: _Group | None = None
+        if config.protection.insulation_error_kohm is not None:
+            self.insulation = _Group(INSULATION_GROUP, 1)
+        self._readers: dict[int, _Reader] = {}
+        self._bound: list[tuple[_Group, int, Message, str]] = []
         self.link = CanLink.acquire(config)
         with self.link.released_on_error() as link:
-            cell_message = link.codec.message(options.cell_voltage_message, cells + cell_flags)
-            temp_message = link.codec.message(options.temperature_message, temps + temp_flags)
-            pack_message = link.codec.message(options.pack_message, [*pack, "Counter"])
-            self.balancing_message = link.codec.message(
-                options.balancing_message,
-                [f"Balance{i + 1}" for i in range(n_cells)] + ["Counter"],
-            )
-            insulation_message = None
-            if config.protection.insulation_error_kohm is not None:
-                insulation_message = link.codec.message(
-                    options.insulation_message,
-                    ["InsulationResistance", "MeasurementValid", "Counter"],
-                )
-            limits = config.limits
-            _check_measurable(
-                cell_message,
-                cells[0],
-                limits.cell_voltage_low_v.msl,
-                limits.cell_voltage_high_v.msl,
-            )
-            _check_measurable(
-                temp_message,
-                temps[0],
-                min(limits.temp_low_charge_c.msl, limits.temp_low_discharge_c.msl),
-                max(limits.temp_high_charge_c.msl, limits.temp_high_discharge_c.msl),
-            )
-            short_a = config.protection.short_circuit_current_a
-            _check_measurable(pack_message, "PackCurrent", -short_a, short_a)
-        self.cells = _Group(cells, cell_flags, options.cell_voltage_timeout_s)
-        self.temps = _Group(temps, temp_flags, options.temperature_timeout_s)
-        self.pack = _Group(pack, [None] * 3, options.pack_timeout_s, self.pack_counter)
-        groups = [(cell_message, self.cells), (temp_message, self.temps), (pack_message, self.pack)]
-        self.insulation: _Group | None = None
-        if insulation_message is not None:
-            self.insulation = _Group(
-                ["InsulationResistance"],
-                [None],
-                options.insulation_timeout_s,
-                RollingCounter(),
-                valid_flag="MeasurementValid",
-            )
-            groups.append((insulation_message, self.insulation))
-        self.frame_errors = 0
-        self._balance_counter = 0
-        self._balance_signals = [
-            signal.name for signal in self.balancing_message.signals if signal.name != "Counter"
-        ]
-        for message, group in groups:
-            self.link.subscribe(message.frame_id, self._handler(message, group))
+            link.health.policy = HealthPolicy(recovery_s=options.bus_recovery_s)
+            self._bind_all(link.codec, options)
+            self._check_limits_fit(config)
+            self._balancing = self._balancing_messages(link.codec, options, n_cells)
+        self.supports_balancing = bool(self._balancing)
+        for frame_id, reader in self._readers.items():
+            self.link.subscribe(frame_id, self._handler(reader))
 
-    def _handler(self, message, group: _Group):
+    # ---------------------------------------------------------------- binding to the DBC
+    def _bind_all(self, codec: DbcCodec, o: CanFrontEndOptions) -> None:
+        per_cell = (
+            ("cell", "cell_voltage_signals", o.cell_voltage_signals, "cell_invalid_signals",
+             o.cell_invalid_signals, o.cells_per_module, self.cells, o.cell_voltage_timeout_s),
+            ("sensor", "temperature_signals", o.temperature_signals,
+             "temperature_invalid_signals", o.temperature_invalid_signals, o.sensors_per_module,
+             self.temps, o.temperature_timeout_s),
+        )  # fmt: skip
+        for what, option, spec, flag_option, flag_spec, per_module, group, timeout_s in per_cell:
+            count = group.values.size
+            names = _names(what, spec, count, per_module)
+            flags = _names(what, flag_spec, count, per_module)
+            for index, (name, flag) in enumerate(zip(names, flags, strict=True)):
+                which = f" ({what} {index + 1})"
+                self._bind(
+                    codec, option + which, name, group, index, timeout_s, flag_option + which, flag
+                )
+        pack = (
+            ("pack_current_signal", o.pack_current_signal),
+            ("pack_voltage_signal", o.pack_voltage_signal),
+            ("link_voltage_signal", o.link_voltage_signal),
+        )
+        for index, (option, name) in enumerate(pack):
+            if name is None:  # not measured: NaN, and never stale
+                self.pack.rx_t_s[index] = np.inf
+                continue
+            self._bind(codec, option, name, self.pack, index, o.pack_timeout_s)
+        if self.insulation is not None:
+            self._bind(
+                codec,
+                "insulation_signal",
+                o.insulation_signal,
+                self.insulation,
+                0,
+                o.insulation_timeout_s,
+                "insulation_valid_signal",
+                o.insulation_valid_signal,
+                flag_means_valid=True,
+            )
+
+    def _bind(
+        self,
+        codec: DbcCodec,
+        option: str,
+        name: str,
+        group: _Group,
+        index: int,
+        timeout_s: float | None,
+        flag_option: str = "",
+        flag_name: str | None = None,
+        flag_means_valid: bool = False,
+    ) -> None:
+        """Decode signal ``name`` into slot ``index`` of ``group``; its flag must travel in
+        the same frames. Errors name the option (``option``, ``flag_option``)."""
+        message, signal = _lookup(codec, option, name)
+        flag = None
+        if flag_name is not None:
+            flag_message, flag = _lookup(codec, flag_option, flag_name)
+            flag_mux = flag_message.get_signal_by_name(flag).multiplexer_ids
+            value_mux = message.get_signal_by_name(signal).multiplexer_ids
+            if flag_message is not message or (flag_mux and flag_mux != value_mux):
+                raise DbcError(
+                    f"{codec.path}: [frontend] {flag_option}: {flag_name} is not sent in the "
+                    f"frames of {name}"
+                )
+        period_s = _period_s(message, self.options.period_s)
+        if timeout_s is not None and timeout_s <= period_s:
+            raise DbcError(
+                f"[frontend] {option}: the timeout ({timeout_s:g} s) must be longer than "
+                f"{message.name}'s period ({period_s:g} s)"
+            )
+        group.timeout_s[index] = (
+            self.options.timeout_periods * period_s if timeout_s is None else timeout_s
+        )
+        self._reader(message).add(_Binding(signal, group, index, flag, flag_means_valid))
+        self._bound.append((group, index, message, signal))
+
+    def _reader(self, message: Message) -> _Reader:
+        reader = self._readers.get(message.frame_id)
+        if reader is None:
+            counter = self.options.counter_signal
+            counter_signal = next((s for s in message.signals if s.name == counter), None)
+            mux = next((s.name for s in message.signals if s.is_multiplexer), None)
+            reader = self._readers[message.frame_id] = _Reader(
+                message=message,
+                checksum=self.link.encoder.checksum(message),
+                counter=None if counter_signal is None else counter,
+                counter_modulus=0 if counter_signal is None else 1 << counter_signal.length,
+                mux=mux,
+            )
+        return reader
+
+    def _check_limits_fit(self, config: BmsConfig) -> None:
+        """A protection limit at or beyond what a DBC signal can carry could never trip."""
+        limits = config.limits
+        low_temp = min(limits.temp_low_charge_c.msl, limits.temp_low_discharge_c.msl)
+        high_temp = max(limits.temp_high_charge_c.msl, limits.temp_high_discharge_c.msl)
+        short_a = config.protection.short_circuit_current_a
+        for group, index, message, signal in self._bound:
+            if group is self.cells:
+                low, high = limits.cell_voltage_low_v.msl, limits.cell_voltage_high_v.msl
+            elif group is self.temps:
+                low, high = low_temp, high_temp
+            elif group is self.pack and index == 0:
+                low, high = -short_a, short_a
+            else:
+                continue
+            _check_measurable(message, signal, low, high)
+
+    @staticmethod
+    def _balancing_messages(
+        codec: DbcCodec, o: CanFrontEndOptions, n_cells: int
+    ) -> list[_Outgoing]:
+        """Each balancing message with the signal of each cell it carries (none: the
+        front-end cannot balance)."""
+        names = _names("cell", o.balancing_signals, n_cells, o.cells_per_module)
+        messages: dict[str, _Outgoing] = {}
+        for index, name in enumerate(names):
+            if name is None:
+                continue
+            message, signal = _lookup(codec, f"balancing_signals (cell {index + 1})", name)
+            if message.name not in messages:
+                counter = next((s for s in message.signals if s.name == o.counter_signal), None)
+                messages[message.name] = _Outgoing(
+                    message,
+                    None if counter is None else counter.name,
+                    0 if counter is None else 1 << counter.length,
+                )
+            messages[message.name].signals[index] = signal
+        return list(messages.values())
+
+    # ---------------------------------------------------------------- frames
+    def _handler(self, reader: _Reader):
         codec = self.link.codec
+        stats = self.stats
+        length = reader.message.length
 
         def handle(t_s: float, data: bytes) -> None:
-            try:
-                decoded = codec.decode(message, data)
-            except Exception as exc:  # cantools raises several types for malformed frames
-                self.frame_errors += 1
-                if self.frame_errors == 1 or self.frame_errors % 1000 == 0:
-                    log.warning(
-                        "malformed %s frame %s (%d so far): %s",
-                        message.name,
-                        data.hex(),
-                        self.frame_errors,
-                        exc,
-                    )
+            if len(data) != length:
+                stats.malformed += 1
+                self._log_drop(reader, data, "wrong length", stats.malformed)
                 return
-            group.update(t_s, decoded)
+            if reader.checksum is not None and not reader.checksum.verify(data):
+                stats.checksum_errors += 1
+                self._log_drop(reader, data, "wrong checksum", stats.checksum_errors)
+                return
+            try:
+                decoded = codec.decode(reader.message, data)
+            except Exception as exc:  # cantools raises several types for malformed frames
+                stats.malformed += 1
+                self._log_drop(reader, data, str(exc), stats.malformed)
+                return
+            mux_id = None if reader.mux is None else decoded[reader.mux]
+            if reader.counter is not None:
+                counter = reader.counters.get(mux_id)
+                if counter is None:
+                    counter = reader.counters[mux_id] = RollingCounter(reader.counter_modulus)
+                jumps = counter.jumps
+                if not counter.advanced(decoded[reader.counter]):
+                    stats.counter_repeats += 1
+                    self._log_drop(reader, data, "repeated counter", stats.counter_repeats)
+                    return
+                stats.counter_jumps += counter.jumps - jumps
+            for binding in reader.common:
+                _apply(binding, decoded, t_s)
+            for binding in reader.by_mux.get(mux_id, ()):
+                _apply(binding, decoded, t_s)
 
         return handle
 
+    @staticmethod
+    def _log_drop(reader: _Reader, data: bytes, reason: str, count: int) -> None:
+        if count == 1 or count % 1000 == 0:
+            name = reader.message.name
+            log.warning("dropped %s frame %s: %s (%d so far)", name, data.hex(), reason, count)
+
+    # ---------------------------------------------------------------- FrontEnd
     def balance(self, cells: np.ndarray) -> None:
-        self._balance_counter = (self._balance_counter + 1) % 16
-        values = dict.fromkeys(self._balance_signals, 0)
-        for index in np.flatnonzero(cells):
-            values[f"Balance{index + 1}"] = 1
-        values["Counter"] = self._balance_counter
-        self.link.send(self.balancing_message, values)
+        for out in self._balancing:
+            values: dict[str, float] = {signal.name: 0 for signal in out.message.signals}
+            for index, signal in out.signals.items():
+                values[signal] = int(bool(cells[index]))
+            if out.counter is not None:
+                out.count = (out.count + 1) % out.counter_modulus
+                values[out.counter] = out.count
+            self.link.send(out.message, values)
 
     def read(self, t_s: float) -> Measurement:
         self.link.poll(t_s)
@@ -214,13 +534,45 @@ class CanFrontEnd(CanBackend, FrontEnd):
             link_voltage_v=float(link_voltage_v),
             insulation_kohm=float(insulation_kohm),
             stale_groups=stale,
-            frame_errors=self.frame_errors,
+            frame_errors=self.stats.dropped,
+            frontend_faults=self.link.health.faults(t_s),
         )
+
+
+def _apply(binding: _Binding, decoded: dict[str, float], t_s: float) -> None:
+    value = decoded[binding.signal]
+    if binding.flag is not None:
+        flag = decoded.get(binding.flag)
+        if (flag == 1) != binding.flag_means_valid:
+            value = math.nan
+    binding.group.values[binding.index] = value
+    binding.group.rx_t_s[binding.index] = t_s
+
+
+def _lookup(codec: DbcCodec, option: str, name: str) -> tuple[Message, str]:
+    """The message and signal ``name`` (``Message.Signal``) refers to; a DbcError naming the
+    option, the missing name and the nearest one the DBC has if it is not there."""
+    message_name, _, signal_name = name.partition(".")
+    try:
+        message = codec.db.get_message_by_name(message_name)
+    except KeyError:
+        known = [m.name for m in codec.db.messages]
+        raise DbcError(
+            f"{codec.path}: [frontend] {option}: no message {message_name!r}"
+            f"{suggest(message_name, known)}"
+        ) from None
+    known = [s.name for s in message.signals]
+    if signal_name not in known:
+        raise DbcError(
+            f"{codec.path}: [frontend] {option}: message {message_name!r} has no signal "
+            f"{signal_name!r}{suggest(signal_name, known)}"
+        )
+    return message, signal_name
 
 
 def _check_measurable(message, signal_name: str, low_limit: float, high_limit: float) -> None:
     """A protection limit at or beyond what the DBC signal can carry could never trip."""
-    signal = next(sig for sig in message.signals if sig.name == signal_name)
+    signal = message.get_signal_by_name(signal_name)
     if not (signal.minimum < low_limit and high_limit < signal.maximum):
         raise DbcError(
             f"{message.name}.{signal_name} carries {signal.minimum:g}..{signal.maximum:g} "

@@ -4,6 +4,11 @@ measurements and a contactor box (PDU) that obeys relay commands and reports fee
 It runs in its own thread at its own rate, with its own bus handle, so the BMS reads it through
 exactly the code it uses for real hardware. The contactor box opens every relay when the
 BMS's command frames stop for ``deadman_timeout_s`` (the hardware dead-man).
+
+The CMU sends what the front-end's default mapping expects, laid out as the DBC says: cell
+``i`` in signal ``Cell{i+1}_Voltage`` of the multiplexer group that carries it, the same for the
+temperatures, every frame with its rolling counter (advancing once per tick, so once per frame
+of each group) and the checksum the DBC defines.
 """
 
 from __future__ import annotations
@@ -21,16 +26,13 @@ from bms.estimation.cell_params import load_cell_params
 from bms.loop import RateKeeper
 from bms.types import ALL_OPEN
 from drivers.can.contactors import RELAY_SIGNALS, relay_signals, relays_from_signals
-from drivers.can.link import RollingCounter, open_bus, send_message
+from drivers.can.link import FrameEncoder, RollingCounter, open_bus, send_message
 from drivers.sim import load
 from drivers.sim.faults import FAULT_KINDS, Injection, make_injection, parse_injection
 from drivers.sim.options import LoadOptions, SimOptions
 from drivers.sim.plant import PackPlant
 
 log = logging.getLogger(__name__)
-
-VOLTAGE_GROUP_SIZE = 4
-TEMP_GROUP_SIZE = 6
 
 
 def _load_profile(options: LoadOptions):
@@ -71,9 +73,18 @@ class SimulatedPack(Simulator):
         )
         codec = DbcCodec(config.can.dbc_file)
         self.codec = codec
+        self.encoder = FrameEncoder(codec)
         self.voltages = codec.message("CMU_CellVoltages")
         self.temperatures = codec.message("CMU_CellTemperatures")
-        self.pack = codec.message("CMU_PackMeasurements")
+        self.voltage_frames = _frames(
+            self.voltages, "Cell{n}_Voltage", "Cell{n}_VoltageInvalid", n_cells
+        )
+        self.temperature_frames = _frames(
+            self.temperatures, "Temp{n}", "Temp{n}_Invalid", config.pack.n_temp_sensors
+        )
+        self.pack = codec.message(
+            "CMU_PackMeasurements", ["PackCurrent", "PackVoltage", "LinkVoltage", "Counter"]
+        )
         self.command_message = codec.message("BMS_ContactorCommand", RELAY_SIGNALS)
         self.feedback_message = codec.message(
             "PDU_ContactorFeedback", [*RELAY_SIGNALS, "InterlockClosed"]
@@ -203,7 +214,7 @@ class SimulatedPack(Simulator):
             self._balancing_t_s = t_s
 
     def _send(self, message, values) -> None:
-        send_message(self._bus, self.codec, message, values)
+        send_message(self._bus, self.encoder, message, values)
 
     def _send_feedback(self, readings) -> None:
         self._counter = (self._counter + 1) % 16
@@ -216,28 +227,11 @@ class SimulatedPack(Simulator):
         )
 
     def _send_measurements(self, r) -> None:
-        n_cells = r.cell_voltage_v.size
-        for group, first in enumerate(range(0, n_cells, VOLTAGE_GROUP_SIZE)):
-            values: dict[str, float] = {"CellVoltageGroup": group}
-            for k in range(VOLTAGE_GROUP_SIZE):
-                cell = first + k
-                number = cell + 1
-                inside = cell < n_cells
-                values[f"Cell{number}_Voltage"] = float(r.cell_voltage_v[cell]) if inside else 0.0
-                values[f"Cell{number}_VoltageInvalid"] = int(
-                    inside and r.cell_voltage_invalid[cell]
-                )
-            self._send(self.voltages, values)
-        n_temps = r.cell_temp_c.size
-        for group, first in enumerate(range(0, n_temps, TEMP_GROUP_SIZE)):
-            values = {"TemperatureGroup": group}
-            for k in range(TEMP_GROUP_SIZE):
-                sensor = first + k
-                number = sensor + 1
-                inside = sensor < n_temps
-                values[f"Temp{number}"] = round(float(r.cell_temp_c[sensor])) if inside else 0
-                values[f"Temp{number}_Invalid"] = 0
-            self._send(self.temperatures, values)
+        voltages, temperatures = self.voltages, self.temperatures
+        self._send_frames(voltages, self.voltage_frames, r.cell_voltage_v, r.cell_voltage_invalid)
+        temps_c = np.round(r.cell_temp_c)  # the signal carries whole degrees
+        valid = np.zeros(temps_c.size, dtype=bool)
+        self._send_frames(temperatures, self.temperature_frames, temps_c, valid)
         self._send(
             self.pack,
             {
@@ -247,3 +241,35 @@ class SimulatedPack(Simulator):
                 "Counter": self._counter,
             },
         )
+
+    def _send_frames(self, message, frames, values, invalid) -> None:
+        """One frame per multiplexer group; signals past the pack's end read 0 (valid)."""
+        for base, slots in frames:
+            frame = {**base, "Counter": self._counter}
+            for index, value_signal, flag_signal in slots:
+                inside = index < values.size
+                frame[value_signal] = float(values[index]) if inside else 0.0
+                frame[flag_signal] = int(inside and bool(invalid[index]))
+            self._send(message, frame)
+
+
+def _frames(message, template: str, flag_template: str, count: int):
+    """The frames that carry the first ``count`` values of ``message``'s ``template`` signals:
+    per multiplexer group, the fixed signals (the multiplexer's value) and every
+    (index, value signal, flag signal) in it, so each frame sets all of its signals."""
+    by_name = {signal.name: signal for signal in message.signals}
+    mux = next((signal.name for signal in message.signals if signal.is_multiplexer), None)
+    groups: dict[int | None, list[tuple[int, str, str]]] = {}
+    index = 0
+    while (name := template.format(n=index + 1)) in by_name:
+        mux_ids = by_name[name].multiplexer_ids or [None]
+        flag = flag_template.format(n=index + 1)
+        groups.setdefault(mux_ids[0], []).append((index, name, flag))
+        index += 1
+    if index < count:
+        raise ValueError(f"{message.name} carries {index} values, the pack has {count}")
+    return [
+        ({} if mux_id is None else {mux: mux_id}, slots)
+        for mux_id, slots in groups.items()
+        if slots[0][0] < count
+    ]

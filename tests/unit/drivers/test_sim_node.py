@@ -13,9 +13,11 @@ from bms.comms.dbc import DbcCodec
 from bms.config import load_config
 from bms.types import RelayStates
 from drivers.can.contactors import relay_signals
+from drivers.can.frontend import CanFrontEnd
 from drivers.sim import load
 from drivers.sim.faults import parse_injection
 from drivers.sim.node import SimulatedPack
+from tests.unit.drivers.test_can_backends import crc8_sae_j1850
 
 
 @pytest.fixture
@@ -74,8 +76,8 @@ def test_every_tick_sends_measurements_and_feedback_until_silenced(setup):
             "PDU_ContactorFeedback",
         )
     }
-    assert len(frames[ids["CMU_CellVoltages"]]) == 4  # 16 cells, 4 per group
-    assert len(frames[ids["CMU_CellTemperatures"]]) == 3  # 16 sensors, 6 per group
+    assert len(frames[ids["CMU_CellVoltages"]]) == 6  # 16 cells, 3 per group
+    assert len(frames[ids["CMU_CellTemperatures"]]) == 4  # 16 sensors, 5 per group
     assert len(frames[ids["CMU_PackMeasurements"]]) == 1
     sim.inject(parse_injection("silence@0", 16))
     sim.tick(0.2, 0.1)
@@ -182,3 +184,45 @@ def test_the_front_end_bleeds_commanded_cells_until_the_commands_stop(setup):
     assert np.flatnonzero(sim.plant.bleeding).tolist() == [2]
     sim.tick(1.0 + sim.options.balancing_timeout_s + 0.05, 0.1)
     assert not sim.plant.bleeding.any()
+
+
+def test_cmu_frames_carry_the_dbc_checksum_and_a_counter_per_group(setup):
+    sim, bms_side, codec = setup
+    cmu = [codec.message(name) for name in ("CMU_CellVoltages", "CMU_PackMeasurements")]
+    counters: dict[tuple[int, int], list[int]] = {}
+    for tick in range(3):
+        sim.tick(0.1 * (tick + 1), 0.1)
+        frames = drain(bms_side)
+        for message in cmu:
+            for data in frames[message.frame_id]:
+                # byte 0 is the CRC-8 SAE J1850 of the id's two low bytes and bytes 1..7
+                id_bytes = bytes([message.frame_id & 0xFF, message.frame_id >> 8])
+                assert data[0] == crc8_sae_j1850(id_bytes + data[1:])
+                values = codec.decode(message, data)
+                group = int(values.get("CellVoltageGroup", -1))
+                counters.setdefault((message.frame_id, group), []).append(int(values["Counter"]))
+    assert len(counters) == 6 + 1  # six voltage groups, one pack message
+    for seen in counters.values():
+        assert [(seen[1] - seen[0]) % 16, (seen[2] - seen[1]) % 16] == [1, 1]
+
+
+def test_the_front_end_reads_what_the_simulated_cmu_sends(make_config):
+    config = load_config(make_config({"sim": {"load": {"profile": "constant", "current_a": -5.0}}}))
+    sim = SimulatedPack(config, config.sim.options, [])
+    sim.attach()
+    frontend = CanFrontEnd(config, config.frontend.options)
+    sent = []
+    plant_readings = sim.plant.readings
+    sim.plant.readings = lambda: sent.append(plant_readings()) or sent[-1]  # what goes out
+    try:
+        sim.tick(0.1, 0.1)
+        (readings,) = sent
+        m = frontend.read(1.0)
+        assert m.cell_voltage_v == pytest.approx(readings.cell_voltage_v, abs=0.001)
+        assert m.cell_temp_c == pytest.approx(np.round(readings.cell_temp_c))
+        assert m.current_a == pytest.approx(readings.current_a, abs=0.006)
+        assert m.pack_voltage_v == pytest.approx(readings.pack_voltage_v, abs=0.006)
+        assert m.frame_errors == 0 and m.stale_groups == ()
+    finally:
+        frontend.close()
+        sim.stop()
