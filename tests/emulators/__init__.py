@@ -1,0 +1,2 @@
+"""Emulators of real parts at register or frame level, written from their datasheets, with
+fault injection, for tests that have no hardware."""
