@@ -110,6 +110,11 @@ class StateStore:
                 aside,
             )
         try:
+            with open(path, "ab"):  # SQLite only says "unable to open": let the OS say why
+                pass
+        except OSError as exc:
+            raise StoreError(f"cannot open the store {path}: {exc.strerror or exc}") from None
+        try:
             connection = _connect(path)
             _migrate(connection)
         except sqlite3.Error as exc:

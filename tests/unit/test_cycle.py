@@ -312,3 +312,55 @@ def test_a_current_sensor_that_reads_wrong_is_found_against_the_soc(make_config)
     assert "current_soc_mismatch" in statuses[-1].active_faults
     assert 1.2 < cycle.charge_check.apparent_error_a < 2.2
     assert statuses[-1].contactors is ContactorState.CLOSED  # a warning, not an opening
+
+
+def test_a_cycle_with_a_failing_stage_is_not_healthy(cycle):
+    run(cycle, 10)
+    assert cycle.last_cycle_healthy and cycle.sample_complete
+    cycle.publisher.error = OSError("telemetry down")
+    run(cycle, 1, t0_s=1.0)
+    assert not cycle.last_cycle_healthy  # systemd's watchdog is not kicked for it
+    cycle.publisher.error = None
+    run(cycle, 1, t0_s=1.1)
+    assert cycle.last_cycle_healthy
+
+
+def test_clear_requests_are_decided_by_the_loop_between_cycles(cycle):
+    from concurrent.futures import Future
+
+    cycle.frontend.current_a = 0.0  # at rest: the fake's flat voltages are not "stuck"
+    run(cycle, 10)
+    cycle.frontend.voltage_v = 4.4  # beyond the MSL
+    run(cycle, 12, t0_s=1.0)
+    assert "cell_voltage_high_msl" in cycle.latches.records
+    refused = cycle.clear_latched(["cell_voltage_high_msl", "short_circuit"], "alice")
+    assert refused == {
+        "ok": False,
+        "cleared": [],
+        "refused": {
+            "cell_voltage_high_msl": "its cause is still present (or was in the last cycles)",
+            "short_circuit": "not latched",
+        },
+    }
+    cycle.frontend.voltage_v = 3.7
+    run(cycle, 30, t0_s=2.2)  # the counter drains
+    reply = Future()
+    cycle.requests.put((None, "alice", reply))  # all of them, as the control socket asks
+    status = run(cycle, 1, t0_s=5.2)
+    assert reply.result(timeout=0) == {
+        "ok": True,
+        "cleared": ["cell_voltage_high_msl"],
+        "refused": {},
+    }
+    assert status.latched_faults == () or run(cycle, 1, t0_s=5.3).latched_faults == ()
+    assert run(cycle, 30, t0_s=5.4).contactors is ContactorState.CLOSED
+
+
+def test_a_failure_of_protection_itself_cannot_be_cleared_live(cycle, monkeypatch):
+    run(cycle, 5)
+    monkeypatch.setattr(cycle.diagnosis, "update", lambda *a: 1 / 0)
+    run(cycle, 2, t0_s=0.5)
+    answer = cycle.clear_latched(["internal_error"], "alice")
+    assert answer["refused"] == {
+        "internal_error": "protection itself failed in this run: restart the service"
+    }
