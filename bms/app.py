@@ -132,6 +132,7 @@ class LoopRunner:
         self.emit = emit
         self.endpoint = endpoint
         self.notifier = Notifier()
+        self.ready = False
 
     def run(self, stop: StopRequest, duration_s: float | None) -> int:
         config, cycle, notifier = self.config, self.cycle, self.notifier
@@ -151,8 +152,8 @@ class LoopRunner:
         self.endpoint.start_s = start_s
         next_report_s = start_s
         status = None
-        ready = False
         failed = False
+        reloads = Reloader(config.source, stop.reload, notifier, lambda: self.ready)
         log.info(
             "control loop running at %.0f Hz%s",
             1.0 / config.loop.period_s,
@@ -160,9 +161,9 @@ class LoopRunner:
         )
         try:
             while not stop.event.is_set():
-                if stop.reload.is_set():
-                    stop.reload.clear()
-                    self._reload()
+                reloaded = reloads.take()
+                if reloaded is not None:
+                    self._apply(reloaded)
                 now_s, dt_s = rate.wait()
                 stalled = rate.last_lateness_s > config.loop.stall_limit_s
                 status = cycle.run(now_s, dt_s, rate.lagging, stalled)
@@ -170,12 +171,12 @@ class LoopRunner:
                 timing.add(compute_s)
                 worst_overall_s = max(worst_overall_s, compute_s)
                 self.endpoint.publish(status, timing.mean_s, timing.worst_s, rate.missed_cycles)
-                if not ready and cycle.sample_complete:
-                    ready = True
+                if not self.ready and cycle.sample_complete:
+                    self.ready = True
                     notifier.ready(_short_status(status))
                     if cycle.recorder is not None:
                         cycle.recorder.note("config_sha256", config.sha256)
-                if ready and cycle.last_cycle_healthy:
+                if self.ready and cycle.last_cycle_healthy:
                     notifier.watchdog(now_s)
                 if now_s >= next_report_s:
                     record = status_record(
@@ -192,6 +193,8 @@ class LoopRunner:
             failed = True
             log.exception("control loop failed; opening contactors")
         finally:
+            reloads.close()
+            self.endpoint.stopping = True
             notifier.stopping()
             opened = cycle.open_and_wait(time.monotonic, SHUTDOWN_OPEN_TIMEOUT_S)
         if not opened:
@@ -216,32 +219,82 @@ class LoopRunner:
             return EXIT_LOOP_FAILED
         return EXIT_OK if opened else EXIT_CONTACTORS_NOT_CONFIRMED_OPEN
 
-    def _reload(self) -> None:
-        """SIGHUP: validate the config file again; apply it only if it is valid and changes
-        nothing that needs a restart, else keep running on the old one and say why."""
+    def _apply(self, new: BmsConfig) -> None:
+        """A reloaded config, validated by the reload thread: apply it between two cycles
+        unless it changes what needs a restart; either way the loop runs on."""
         source = self.config.source
-        self.notifier.send(RELOADING="1")
         try:
-            new = load_config(source)
-        except ConfigError as exc:
-            log.error(
-                "reload of %s refused, still running on the previous config:\n  %s",
-                source,
-                "\n  ".join(exc.problems),
-            )
-        else:
             restart = self.cycle.reconfigure(new)
-            if restart:
+        except Exception:
+            log.exception("reload of %s failed; still running on the previous config", source)
+            restart = None
+        if restart:
+            log.error(
+                "reload of %s refused: %s changed, which needs a restart; still running on the "
+                "previous config",
+                source,
+                ", ".join(restart),
+            )
+        elif restart is not None:
+            self.config = new
+            log.info("reloaded %s", source)
+        if self.ready:
+            self.notifier.send(READY="1")
+
+
+class Reloader:
+    """Reads the config again on SIGHUP, on a thread of its own (parsing and validating take
+    tens of milliseconds: whole cycles of a fast loop), and hands a valid one to the loop."""
+
+    def __init__(
+        self,
+        source,
+        requested: threading.Event,
+        notifier: Notifier,
+        is_ready: Callable[[], bool],
+    ):
+        """``is_ready``: whether READY=1 went out; systemd waits for another after
+        RELOADING=1, which a refused reload sends from here (an applied one from the loop)."""
+        self.source = source
+        self.requested = requested
+        self.notifier = notifier
+        self.is_ready = is_ready
+        self._ready: queue.SimpleQueue[BmsConfig] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="config-reload", daemon=True)
+        self._thread.start()
+
+    def take(self) -> BmsConfig | None:
+        """A validated config waiting to be applied, or None (never blocks)."""
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._closing.set()
+        self.requested.set()
+        self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while True:
+            self.requested.wait()
+            self.requested.clear()
+            if self._closing.is_set():
+                return
+            self.notifier.send(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
+            try:
+                self._ready.put(load_config(self.source))
+            except ConfigError as exc:
                 log.error(
-                    "reload of %s refused: [%s] changed, which needs a restart; still running "
-                    "on the previous config",
-                    source,
-                    "], [".join(restart),
+                    "reload of %s refused, still running on the previous config:\n  %s",
+                    self.source,
+                    "\n  ".join(exc.problems),
                 )
-            else:
-                self.config = new
-                log.info("reloaded %s", source)
-        self.notifier.send(READY="1")
+            except Exception:
+                log.exception(
+                    "reload of %s failed; still running on the previous config", self.source
+                )
 
 
 def _short_status(status: PackStatus) -> str:

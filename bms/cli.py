@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from bms import app, backends
-from bms.config import SIM_BACKEND, ConfigError, load_config
+from bms.config import SIM_BACKEND, ConfigError, load_config, load_contactor_config
 from bms.service import tools
+from bms.service.journal import JournalHandler, journal_wanted
 
 DEFAULT_SIM_CONFIG = "config/sim.toml"
 
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.file if args.command == "check-config" else args.config
     if path is None:  # status and faults
         path = tools.default_config()
+    loader = load_contactor_config if args.command == "failsafe" else load_config
     try:
-        config = load_config(path)
+        config = loader(path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return app.EXIT_USAGE_ERROR
@@ -287,11 +289,16 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _log_through_a_queue(level: str) -> None:
-    """Log to stderr from a listener thread, so a blocked stderr never stalls the loop."""
+    """Log from a listener thread, so a blocked stderr never stalls the loop: to the journal
+    with structured fields when stderr is the journal (under systemd), else to stderr."""
     records: queue.SimpleQueue = queue.SimpleQueue()
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    listener = logging.handlers.QueueListener(records, stderr)
+    if journal_wanted():
+        output: logging.Handler = JournalHandler()
+        output.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        output = logging.StreamHandler(sys.stderr)
+        output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    listener = logging.handlers.QueueListener(records, output)
     listener.start()
     atexit.register(listener.stop)
     to_queue = logging.handlers.QueueHandler(records)

@@ -353,6 +353,61 @@ def load_config(path: str | Path) -> BmsConfig:
     )
 
 
+class _ContactorFile(BaseModel):
+    """What the contactor driver needs of a config file; everything else is ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    pack: PackConfig
+    loop: LoopConfig = LoopConfig()
+    can: CanConfig | None = None
+    contactors: BackendSection
+    control: ControlConfig
+    protection: ProtectionConfig
+
+
+def load_contactor_config(path: str | Path) -> BmsConfig:
+    """The config as far as the contactor driver needs it, for ``bms failsafe``: a typo in
+    an unrelated section (balancing, a front-end option) must not keep the fail-safe from
+    opening the contactors. The other sections are their defaults, or None."""
+    path = Path(path)
+    context: dict[str, Any] = {"base_dir": path.parent.resolve()}
+    try:
+        parsed = load_model(path, _ContactorFile, context)
+    except SchemaError as exc:
+        raise ConfigError(exc.problems) from None
+    problems: list[str] = []
+    contactors = _choose(
+        path,
+        "contactors",
+        "bms.contactors",
+        parsed.contactors.backend,
+        dict(parsed.contactors.model_extra or {}),
+        context | {"n_cells": parsed.pack.n_cells, "n_temp_sensors": parsed.pack.n_temp_sensors},
+        problems,
+    )
+    if problems:
+        raise ConfigError(problems)
+    return BmsConfig(
+        source=path.resolve(),
+        pack=parsed.pack,
+        loop=parsed.loop,
+        can=parsed.can,
+        control=parsed.control,
+        soc=SocConfig(),
+        protection=parsed.protection,
+        limits=None,
+        diagnosis=DiagnosisConfig(),
+        derating=DeratingConfig(),
+        balancing=BalancingConfig(),
+        service=ServiceConfig(),
+        store=None,
+        frontend=None,
+        contactors=contactors,
+        publisher=None,
+        sim=None,
+    )
+
+
 def _load_limits(path: Path, parsed: FileConfig, problems: list[str]) -> LimitSet | None:
     """Load the limit set the config names and check the pack-level limits against it."""
     try:

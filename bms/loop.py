@@ -27,6 +27,7 @@ from bms.config import BmsConfig
 from bms.estimation.cell_params import CellParams
 from bms.estimation.estimator import Estimate, PackEstimator
 from bms.protection.balancing import Balancer
+from bms.protection.contactors import FAULT_IDS as CONTACTOR_FAULT_IDS
 from bms.protection.contactors import ContactorStateMachine
 from bms.protection.derating import CurrentLimiter
 from bms.protection.diagnosis import FAULTS, Action, Diagnosis
@@ -141,6 +142,11 @@ class StageErrors:
         self._logged_s[stage] = now_s
 
 
+def _charge_check_settings(config: BmsConfig) -> tuple:
+    p = config.protection
+    return (p.charge_check_window_s, p.charge_check_tolerance_a)
+
+
 class ControlCycle:
     """One cycle of the BMS, with the state that persists between cycles."""
 
@@ -203,6 +209,7 @@ class ControlCycle:
             pack_voltage_v=math.nan,
             link_voltage_v=math.nan,
         )
+        self._measurement = self._empty
 
     def run(self, t_s: float, dt_s: float, lagging: bool, stalled: bool = False) -> PackStatus:
         """Run the six stages once at time ``t_s`` (monotonic) with the measured ``dt_s``.
@@ -212,7 +219,6 @@ class ControlCycle:
         contactors for good (``internal_error``, until restart).
         """
         self._serve_requests()
-        failures_before = sum(self.errors.counts.values())
         conditions: dict[str, bool | None] = {
             "loop_lag": lagging,
             "loop_stalled": stalled,
@@ -236,6 +242,7 @@ class ControlCycle:
             self.errors.report("contactor feedback read")
             feedback = ContactorFeedback(ALL_OPEN, valid=False)
         self._feedback = feedback
+        self._measurement = m
         conditions["contactor_feedback_invalid"] = not feedback.valid
 
         estimate = self.estimate
@@ -348,8 +355,10 @@ class ControlCycle:
         )
 
         # 5. actuate (also the dead-man refresh of the contactor box)
+        commanded = False
         try:
             self.contactors.command(command)
+            commanded = True
         except Exception:
             self.errors.report("contactor command")  # the box's dead-man opens on its own
         if balancing is not None:
@@ -357,10 +366,6 @@ class ControlCycle:
                 self.frontend.balance(balancing)
             except Exception:
                 self.errors.report("balancing command")  # the front-end stops on its own
-        # Persist new latches now, after the contactors were commanded open: a latch is on
-        # disk before the next cycle (a failed write is retried every second, and forbids a
-        # close meanwhile).
-        self._save_latches(t_s)
         if self.recorder is not None:
             try:
                 soh = self.estimator.capacity_ah / self.estimator.cell.capacity_ah
@@ -374,11 +379,10 @@ class ControlCycle:
             except Exception:
                 self.errors.report("publish")
         self.sample_complete = not m.stale_groups and feedback.valid and m is not self._empty
-        self.last_cycle_healthy = (
-            not self.protection_failed
-            and not stalled
-            and sum(self.errors.counts.values()) == failures_before
-        )
+        # Healthy for systemd's watchdog: protection ran and the contactors were commanded, on
+        # time. A failing peripheral (front-end, publisher) is a diagnosis condition instead:
+        # restarting the service would not mend it, only open the contactors again and again.
+        self.last_cycle_healthy = not self.protection_failed and not stalled and commanded
         return status
 
     def _frontend_faults(self, fault_ids: tuple[str, ...]) -> dict[str, bool]:
@@ -432,29 +436,41 @@ class ControlCycle:
         return balancer
 
     def reconfigure(self, new: BmsConfig) -> list[str]:
-        """Apply a reloaded config between cycles. Returns the sections that changed but need
-        a restart; then nothing is applied (all or nothing), so the loop runs on the old."""
-        restart = [s for s in self.RESTART_SECTIONS if getattr(self.config, s) != getattr(new, s)]
+        """Apply a reloaded config between cycles. Returns what changed but needs a restart;
+        then nothing is applied (all or nothing), so the loop runs on the old."""
+        old = self.config
+        restart = [f"[{s}]" for s in self.RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
+        if old.protection.latch_file != new.protection.latch_file:
+            restart.append("[protection] latch_file")
         if restart:
             return restart
-        self.config = new
+        # Build everything first, then swap, so a failure leaves the old config whole.
         protection = new.protection
-        self.estimator.power_voltage_min_v = max(
-            new.limits.cell_voltage_low_v.mol, self.estimator.cell.voltage_min_v
+        window_v = (
+            max(new.limits.cell_voltage_low_v.mol, self.estimator.cell.voltage_min_v),
+            min(new.limits.cell_voltage_high_v.mol, self.estimator.cell.voltage_max_v),
         )
-        self.estimator.power_voltage_max_v = min(
-            new.limits.cell_voltage_high_v.mol, self.estimator.cell.voltage_max_v
-        )
-        self.stuck.stuck_time_s = protection.stuck_time_s
-        self.stuck.min_current_a = protection.stuck_min_current_a
-        self.charge_check = self._charge_check(new)
-        self.diagnosis.reconfigure(new.diagnosis)
+        charge_check = self.charge_check
+        if _charge_check_settings(old) != _charge_check_settings(new):
+            charge_check = self._charge_check(new)
         limiter = CurrentLimiter(new.limits, new.derating, new.pack.n_parallel)
         limiter.charge_limit_a = self.limiter.charge_limit_a  # the ramp carries on
         limiter.discharge_limit_a = self.limiter.discharge_limit_a
+        balancer = self._balancer(new)
+        self.diagnosis.reconfigure(new.diagnosis)
+        self.config = new
+        self.estimator.power_voltage_min_v, self.estimator.power_voltage_max_v = window_v
+        self.stuck.stuck_time_s = protection.stuck_time_s
+        self.stuck.min_current_a = protection.stuck_min_current_a
+        self.charge_check = charge_check
         self.limiter = limiter
-        self.balancer = self._balancer(new)
-        self.fsm.config = new.control
+        if self.balancer is not None and balancer is None:
+            try:  # switched off: stop bleeding now, not when the front-end times out
+                self.frontend.balance(np.zeros(new.pack.n_cells, dtype=bool))
+            except Exception:
+                self.errors.report("balancing command")
+        self.balancer = balancer
+        self.fsm.reconfigure(new.control)
         self.close_requested = new.control.close_on_start
         return []
 
@@ -465,12 +481,6 @@ class ControlCycle:
             spec = FAULTS.get(fault_id)
             description = spec.description if spec else fault_id
             self.latches.latch(fault_id, description, sample_record(m, estimate, active))
-
-    def _save_latches(self, t_s: float) -> None:
-        try:
-            self.latches.save(t_s)
-        except Exception:
-            self.errors.report("writing the latched faults")
 
     def _serve_requests(self) -> None:
         """Answer the clear requests the control socket handed over since the last cycle."""
@@ -503,7 +513,6 @@ class ControlCycle:
             cleared.append(fault_id)
         if cleared:
             log.warning("latched faults cleared by %s: %s", who, ", ".join(cleared))
-            self._save_latches(math.inf)
         return {"ok": not refused, "cleared": cleared, "refused": refused}
 
     def _why_not_clear(self, fault_id: str) -> str | None:
@@ -511,18 +520,16 @@ class ControlCycle:
             return "not latched"
         if fault_id == "internal_error" and self.protection_failed:
             return "protection itself failed in this run: restart the service"
-        if fault_id in self.fsm.faults:
-            feedback = self._feedback
-            if feedback.valid and not feedback.relays.any_closed:
-                return None
-            return "the contactor feedback does not show every relay open"
+        if fault_id in CONTACTOR_FAULT_IDS:  # found by the state machine, now or before a restart
+            m = self._measurement
+            return self.fsm.cause_gone(fault_id, self._feedback, m.pack_voltage_v, m.link_voltage_v)
         if self.diagnosis.cause_present(fault_id):
             return "its cause is still present (or was in the last cycles)"
         return None
 
     def close(self) -> None:
-        """A last attempt to write latches that could not be written yet."""
-        self._save_latches(math.inf)
+        """Write the latches still pending (the latch file's writer thread stops)."""
+        self.latches.close()
 
     def wait_for_first_sample(self, clock: Callable[[], float], timeout_s: float) -> bool:
         """Before the first cycle: wait until every front-end group and the contactor

@@ -25,6 +25,18 @@ from dataclasses import dataclass
 from bms.config import ControlConfig
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, RelayStates
 
+FAULT_IDS = frozenset(
+    {
+        "contactor_weld",
+        "contactor_feedback_mismatch",
+        "contactor_open_unconfirmed",
+        "precharge_failed",
+        "precharge_too_fast",
+        "link_voltage_held",
+    }
+)
+"""Every fault this machine can find (diagnosis-table ids)."""
+
 PRECHARGING = RelayStates(negative=True, precharge=True, positive=False)
 BRIDGING = RelayStates(negative=True, precharge=True, positive=True)
 CLOSED = RelayStates(negative=True, precharge=False, positive=True)
@@ -154,6 +166,30 @@ class ContactorStateMachine:
     def clear(self, fault_id: str) -> None:
         """Forget a fault found here, once a person cleared its latch."""
         self.faults.discard(fault_id)
+
+    def reconfigure(self, config: ControlConfig) -> None:
+        """Take a reloaded [control] section; a check it turns off stops at once."""
+        self.config = config
+        if config.link_decay_s is None:
+            self._watch_link_decay = False
+
+    def cause_gone(
+        self,
+        fault_id: str,
+        feedback: ContactorFeedback,
+        pack_voltage_v: float,
+        link_voltage_v: float,
+    ) -> str | None:
+        """None if the cause of ``fault_id`` (one of FAULT_IDS) is gone now, else why not:
+        every relay must read open on valid feedback, and for a held-up link the link must
+        have fallen, too (else the next close would meet what holds it)."""
+        if not (feedback.valid and not feedback.relays.any_closed):
+            return "the contactor feedback does not show every relay open"
+        if fault_id == "link_voltage_held" and not (
+            link_voltage_v <= self.config.link_decay_ratio * pack_voltage_v  # False for NaN
+        ):
+            return "the DC link is still charged (or its voltage is unknown)"
+        return None
 
     def _too_fast(self, in_state_s: float) -> bool:
         minimum_s = self.config.precharge_min_s

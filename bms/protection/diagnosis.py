@@ -365,12 +365,17 @@ class Diagnosis:
 
     def __init__(self, config: DiagnosisConfig, latched: Iterable[str] = ()):
         """``latched``: faults latched before a restart; they hold the contactors open from
-        the first cycle (an id this table does not know stays latched too)."""
+        the first cycle (an id this table does not know stays latched too). Their counters
+        start full, as if the cause were present, so a clear waits until this run has
+        judged the cause absent for long enough to drain them."""
         self._counts = dict.fromkeys(FAULTS, 0.0)
         self._active = dict.fromkeys(FAULTS, False)
         self._active_s = dict.fromkeys(FAULTS, 0.0)
         self._latched: dict[str, None] = dict.fromkeys(latched)
         self.reconfigure(config)
+        for fault_id in self._latched.keys() & FAULTS.keys():
+            self._counts[fault_id] = float(self._needed[fault_id])
+            self._active[fault_id] = True
 
     def reconfigure(self, config: DiagnosisConfig) -> None:
         """Take (new) row settings; counters, activity and latches carry over, a counter

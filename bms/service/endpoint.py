@@ -45,6 +45,8 @@ class ServiceEndpoint:
         self.cycle_time_mean_s = 0.0
         self.cycle_time_max_s = 0.0
         self.missed_cycles = 0
+        self.stopping = False
+        """Set when the loop has ended: the last status no longer describes the pack."""
 
     def handlers(self) -> dict:
         return {"status": self.handle_status, "faults": self.handle_faults, "clear": self.clear}
@@ -56,6 +58,8 @@ class ServiceEndpoint:
 
     def handle_status(self) -> dict[str, Any]:
         status = self.status
+        if self.stopping:
+            return {"ok": False, "error": "the BMS is stopping: it is opening the contactors"}
         if status is None:
             return {"ok": False, "error": "the BMS is starting: no cycle has run yet"}
         record = status_record(
@@ -95,7 +99,13 @@ class ServiceEndpoint:
         try:
             return reply.result(timeout=CLEAR_TIMEOUT_S)
         except FutureTimeout:
-            reply.cancel()
-            return {"ok": False, "error": f"the loop did not answer within {CLEAR_TIMEOUT_S} s"}
+            if reply.cancel():
+                return {"ok": False, "error": f"the loop did not answer in {CLEAR_TIMEOUT_S} s"}
+            try:  # the loop has it in hand: its answer is the truth
+                return reply.result(timeout=CLEAR_TIMEOUT_S)
+            except FutureTimeout:
+                return {"ok": False, "error": "the loop took the request but did not finish it"}
+            except Exception as exc:
+                return {"ok": False, "error": f"clearing failed: {exc}"}
         except Exception as exc:
             return {"ok": False, "error": f"clearing failed: {exc}"}

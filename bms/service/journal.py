@@ -33,9 +33,21 @@ _PRIORITY = {  # syslog levels
 }
 
 
-def journal_wanted(environ: Mapping[str, str] = os.environ, path: str = JOURNAL_SOCKET) -> bool:
-    """stderr is connected to the journal and its socket is there."""
-    return bool(environ.get("JOURNAL_STREAM")) and os.path.exists(path)
+def journal_wanted(
+    environ: Mapping[str, str] = os.environ, path: str = JOURNAL_SOCKET, stderr_fd: int = 2
+) -> bool:
+    """stderr is the journal's stream (systemd names it in ``$JOURNAL_STREAM`` as
+    ``device:inode``, compared with stderr itself, as systemd.exec(5) says to) and the
+    journal's socket is there."""
+    stream = environ.get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    if not (device.isdigit() and inode.isdigit()) or not os.path.exists(path):
+        return False
+    try:
+        st = os.fstat(stderr_fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
 def encode_fields(fields: Mapping[str, str]) -> bytes:

@@ -8,7 +8,7 @@ races a starting BMS) and the state store; the next start then looks at the caus
 
 from __future__ import annotations
 
-import getpass
+import contextlib
 import grp
 import json
 import math
@@ -19,7 +19,7 @@ from pathlib import Path
 from bms.config import DEFAULT_CONFIG_PATHS, BmsConfig
 from bms.service.control import ControlError, request
 from bms.store import utc_now_iso
-from bms.store.latches import LatchStore, LatchStoreBusy
+from bms.store.latches import LatchStore, LatchStoreBusy, person
 from bms.store.state import StateStore, StoreError
 
 EXIT_OK = 0
@@ -188,38 +188,65 @@ def _may_clear_here(admin_group: str | None) -> str | None:
 
 
 def _clear_offline(config: BmsConfig, fault_ids: list[str]) -> int:
-    """No BMS runs: clear in both copies of the latched set (the latch file and the store's);
-    the next start sees the causes again itself."""
+    """No BMS runs: clear in both copies of the latched set (the latch file and the store's),
+    all of it under the latch file's lock, so a BMS that starts meanwhile waits for neither
+    half; the next start sees the causes again itself."""
     refusal = _may_clear_here(config.service.admin_group)
     if refusal is not None:
         print(f"bms faults clear: {refusal}", file=sys.stderr)
         return EXIT_REFUSED
     latch_store = LatchStore(config.protection.latch_file)
-    store = None
+    who = person()
     try:
-        if config.store is not None and config.store.path.exists():
-            store = StateStore.open(config.store.path)
-        in_file = set(latch_store.load())
-        in_store = set(store.latched()) if store is not None else set()
-        ids = list(fault_ids) or sorted(in_file | in_store)
-        unknown = [f for f in ids if f not in in_file | in_store]
-        if unknown:
-            print(f"not latched: {', '.join(unknown)}; nothing was cleared", file=sys.stderr)
-            return EXIT_USAGE
-        from_file = [f for f in ids if f in in_file]
-        if from_file:
-            latch_store.clear(from_file)
-        if store is not None:
-            for fault_id in ids:
-                store.log_clear(fault_id, utc_now_iso(), getpass.getuser())
+        with latch_store.locked():
+            store_path = config.store.path if config.store is not None else None
+            owner = _owner(store_path)
+            store = StateStore.open(store_path) if owner is not None else None
+            try:
+                in_file = set(latch_store.load())
+                in_store = set(store.latched()) if store is not None else set()
+                ids = list(fault_ids) or sorted(in_file | in_store)
+                unknown = [f for f in ids if f not in in_file | in_store]
+                if unknown:
+                    print(
+                        f"not latched: {', '.join(unknown)}; nothing was cleared", file=sys.stderr
+                    )
+                    return EXIT_USAGE
+                if any(f in in_file for f in ids):
+                    latch_store.remove([f for f in ids if f in in_file], who)
+                if store is not None:
+                    for fault_id in ids:
+                        store.log_clear(fault_id, utc_now_iso(), who)
+            finally:
+                if store is not None:
+                    store.close()
+                    _give_back(store_path, owner)
     except LatchStoreBusy as exc:
         print(f"{exc}: stop it first (systemctl stop pybms)", file=sys.stderr)
         return EXIT_REFUSED
     except StoreError as exc:
         print(f"bms faults clear: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    finally:
-        if store is not None:
-            store.close()
     print(f"cleared: {', '.join(ids) or 'nothing was latched'}")
     return EXIT_OK
+
+
+def _owner(path: Path | None) -> tuple[int, int] | None:
+    """(uid, gid) of an existing store file, None if there is none."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_uid, st.st_gid
+
+
+def _give_back(path: Path, owner: tuple[int, int]) -> None:
+    """Root (sudo) edited the service's store: SQLite's side files it may have left belong
+    to the service's user again, or the service could not open its own store."""
+    if os.geteuid() != 0:
+        return
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(f"{path}{suffix}", *owner)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import getpass
 import json
 import logging
 import os
+import pwd
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -64,6 +66,31 @@ class _LatchFile(BaseModel):
     version: int
     latched: list[LatchRecord]
     cleared: list[_ClearRecord]
+
+
+def _keep_owner_and_mode(descriptor: int, path: Path) -> None:
+    """A replacement written by another user (``sudo bms faults clear``) keeps the owner and
+    mode of the file it replaces, so the service can still read and write it; a new file is
+    readable by its group."""
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        os.fchmod(descriptor, 0o640)
+        return
+    os.fchmod(descriptor, old.st_mode & 0o777)
+    if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+        os.fchown(descriptor, old.st_uid, old.st_gid)
+
+
+def person() -> str:
+    """Who runs this, by the process's real uid (not $USER, which anyone can set), and who
+    they were before sudo."""
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = f"uid {os.getuid()}"
+    sudo_user = os.environ.get("SUDO_USER")
+    return f"{name} (sudo by {sudo_user})" if sudo_user and sudo_user != name else name
 
 
 class LatchStore:
@@ -112,16 +139,22 @@ class LatchStore:
         and write the unreadable latch in its place so it survives the next restart too."""
         latched = self.load()
         if UNREADABLE in latched and self.path.exists():
-            aside = Path(
-                tempfile.mkstemp(prefix=f"{self.path.name}.unreadable-", dir=self.path.parent)[1]
-            )
-            shutil.copyfile(self.path, aside)
+            try:
+                descriptor, aside = tempfile.mkstemp(
+                    prefix=f"{self.path.name}.unreadable-", dir=self.path.parent
+                )
+                os.close(descriptor)
+                shutil.copyfile(self.path, aside)
+                kept = f"kept a copy as {aside}"
+            except OSError as exc:  # e.g. a file root left unreadable: keep going, latched
+                kept = f"no copy could be kept ({exc})"
             log.error(
-                "%s; kept a copy as %s; contactors stay open until `bms faults clear`",
+                "%s; %s; contactors stay open until `bms faults clear`",
                 latched[UNREADABLE].description,
-                aside,
+                kept,
             )
-            self.save(latched)
+            with contextlib.suppress(OSError):  # the write is retried by the loop's keeper
+                self.save(latched)
         return latched
 
     def save(self, latched: dict[str, LatchRecord], cleared: list[dict] | None = None) -> None:
@@ -139,6 +172,7 @@ class LatchStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
+            _keep_owner_and_mode(descriptor, self.path)
             with os.fdopen(descriptor, "w", encoding="utf-8") as f:
                 json.dump(document, f, indent=2)
                 f.flush()
@@ -166,12 +200,18 @@ class LatchStore:
             if unknown:
                 raise KeyError(f"not latched: {', '.join(unknown)}")
             ids = list(latched) if fault_ids is None else list(fault_ids)
-            user = getpass.getuser()
-            cleared = [
-                {"fault_id": f, "cleared_at_utc": utc_now_iso(), "cleared_by": user} for f in ids
-            ]
-            self.save({f: r for f, r in latched.items() if f not in ids}, cleared)
+            self.remove(ids, person())
             return ids
+
+    def remove(self, fault_ids: list[str], cleared_by: str) -> None:
+        """Drop ``fault_ids`` from the file, recording who cleared them; the caller holds the
+        lock (:meth:`locked`)."""
+        latched = self.load()
+        when = utc_now_iso()
+        cleared = [
+            {"fault_id": f, "cleared_at_utc": when, "cleared_by": cleared_by} for f in fault_ids
+        ]
+        self.save({f: r for f, r in latched.items() if f not in fault_ids}, cleared)
 
     @contextlib.contextmanager
     def locked(self):
@@ -183,25 +223,31 @@ class LatchStore:
             self.release()
 
     def acquire(self) -> None:
+        """Take the lock on ``<file>.lock``: opened read-only (flock needs no more), so a lock
+        file that root created by ``sudo bms faults`` still serves the service's user."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.path.with_name(f"{self.path.name}.lock"), "a")  # noqa: SIM115
+        descriptor = os.open(
+            self.path.with_name(f"{self.path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o644
+        )
         try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock_file.close()
+            os.close(descriptor)
             raise LatchStoreBusy(f"{self.path} is held by a running BMS") from None
-        self._lock_file = lock_file
+        self._lock_file = descriptor
 
     def release(self) -> None:
         if self._lock_file is not None:
-            self._lock_file.close()
+            os.close(self._lock_file)
             self._lock_file = None
 
 
 class LatchKeeper:
-    """The latched set of one run: kept in memory, written to the latch file in the cycle
-    that changes it (a failed write is retried every ``RETRY_S`` and reported), and copied to
-    the state store, whose copy is merged in at start (the union of both copies holds)."""
+    """The latched set of one run: kept in memory, written to the latch file by a thread of
+    its own as soon as it changes (the loop never waits for the disk; a write takes a few
+    milliseconds and two fsyncs), a failed write retried every ``RETRY_S`` and reported in
+    ``write_failed`` (the loop forbids closing meanwhile), and copied to the state store,
+    whose copy is merged in at start (the union of both copies holds)."""
 
     RETRY_S = 1.0
 
@@ -212,31 +258,55 @@ class LatchKeeper:
         self.recorder = recorder
         self.records: dict[str, LatchRecord] = {}
         self.write_failed = False
-        self._unsaved = False
-        self._tried_s = -float("inf")
-        self._cleared: list[dict] = []
+        self.writes = 0
+        self._pending: tuple[dict[str, LatchRecord], list[dict]] | None = None
+        self._writing = False
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
         if store is not None:
             self.records = store.open_for_run()
-        if recorder is not None:
-            self._merge(recorder)
+        changed = self._merge(recorder) if recorder is not None else False
+        if (
+            recorder is not None
+            and recorder.moved_aside
+            and store is not None
+            and not (store.path.exists())
+        ):
+            # Both copies gone: what was latched before is unknown, so treat it as latched.
+            self.records[UNREADABLE] = LatchRecord(
+                fault_id=UNREADABLE,
+                latched_at_utc=utc_now_iso(),
+                description="the state store was unusable and the latch file is missing: "
+                "what was latched before this start is unknown",
+            )
+            changed = True
         if self.records:
             log.warning(
                 "latched before this start, contactors stay open until cleared "
                 "(bms faults clear): %s",
                 ", ".join(self.records),
             )
+        if store is not None:
+            self._thread = threading.Thread(target=self._run, name="latch-writer", daemon=True)
+            self._thread.start()
+            if changed:
+                self._submit([])
 
-    def _merge(self, recorder) -> None:
+    def _merge(self, recorder) -> bool:
+        """Union with the store's copy; True if that added latches the file lacks."""
         copy = recorder.latched_copy
+        added = False
         for fault_id, (when, text) in copy.items():
             if fault_id not in self.records:
                 self.records[fault_id] = LatchRecord(
                     fault_id=fault_id, latched_at_utc=when, description=text
                 )
-                self._unsaved = True
+                added = True
         recorder.copy_latched(
             {f: (r.latched_at_utc, r.description) for f, r in self.records.items() if f not in copy}
         )
+        return added
 
     def latch(self, fault_id: str, description: str, sample: dict) -> None:
         """A fault latched now; ``sample`` is what the cycle saw (for the fault log)."""
@@ -246,33 +316,83 @@ class LatchKeeper:
             fault_id=fault_id, latched_at_utc=utc_now_iso(), description=description
         )
         self.records[fault_id] = record
-        self._unsaved = True
-        self._tried_s = -float("inf")  # write at once
+        self._submit([])
         if self.recorder is not None:
             self.recorder.on_latched(fault_id, record.latched_at_utc, description, sample)
 
     def clear(self, fault_id: str, cleared_by: str) -> None:
         """A person cleared ``fault_id`` (the caller checked that its cause is gone)."""
         del self.records[fault_id]
-        self._unsaved = True
-        self._tried_s = -float("inf")
-        self._cleared.append(
-            {"fault_id": fault_id, "cleared_at_utc": utc_now_iso(), "cleared_by": cleared_by}
-        )
+        when = utc_now_iso()
+        self._submit([{"fault_id": fault_id, "cleared_at_utc": when, "cleared_by": cleared_by}])
         if self.recorder is not None:
-            self.recorder.on_cleared(fault_id, self._cleared[-1]["cleared_at_utc"], cleared_by)
+            self.recorder.on_cleared(fault_id, when, cleared_by)
 
-    def save(self, t_s: float) -> None:
-        """Write the file if anything changed (at most every RETRY_S after a failure, which
-        raises for the caller to report and leaves ``write_failed`` set)."""
-        if not self._unsaved or self.store is None or t_s - self._tried_s < self.RETRY_S:
+    def _submit(self, cleared: list[dict]) -> None:
+        if self.store is None:
             return
-        self._tried_s = t_s
-        try:
-            self.store.save(self.records, self._cleared)
-        except Exception:
-            self.write_failed = True
-            raise
-        self._cleared = []
-        self._unsaved = False
-        self.write_failed = False
+        with self._wake:
+            earlier = self._pending[1] if self._pending is not None else []
+            self._pending = (dict(self.records), earlier + cleared)
+            self._wake.notify()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until what was submitted is on disk; False if that did not happen in time."""
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while self._pending is not None or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._wake.wait(left)
+        return not self.write_failed
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is pending (for at most ``timeout_s``), then stop the thread."""
+        if self._thread is None:
+            return
+        if not self.flush(timeout_s):
+            log.error("the latch file could not be written before the end: %s", self.store.path)
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        logged_s = -float("inf")
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closing:
+                    self._wake.wait()
+                if self._pending is None:
+                    return
+                records, cleared = self._pending
+                self._pending = None
+                self._writing = True
+            try:
+                self.store.save(records, cleared)
+                failed = False
+            except Exception as exc:
+                failed = True
+                now_s = time.monotonic()
+                if now_s - logged_s >= 10.0:
+                    log.error(
+                        "writing the latch file %s failed (retrying): %s", self.store.path, exc
+                    )
+                    logged_s = now_s
+            with self._wake:
+                self._writing = False
+                self.write_failed = failed
+                if failed:
+                    if self._pending is None:  # nothing newer: try this one again
+                        self._pending = (records, cleared)
+                    else:  # a newer set replaces this one; its clear records must not be lost
+                        self._pending = (self._pending[0], cleared + self._pending[1])
+                    if not self._closing:
+                        self._wake.wait(self.RETRY_S)
+                    else:
+                        self._pending = None
+                        return
+                else:
+                    self.writes += 1
+                self._wake.notify_all()

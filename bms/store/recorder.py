@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from bms.health.throughput import Throughput
-from bms.store.state import PackState, StateStore
+from bms.store.state import PackState, StateStore, StoreError
 from bms.store.writer import StoreWriter
 from bms.types import Estimate, Measurement
 
@@ -29,7 +29,12 @@ class PackRecorder:
     def __init__(self, store: StateStore, interval_s: float, capacity_ah: float):
         """``capacity_ah``: nominal, of one series group (for equivalent full cycles)."""
         self.interval_s = interval_s
-        self.restored = store.latest_state()
+        self.moved_aside = store.moved_aside
+        try:
+            self.restored = store.latest_state()
+        except StoreError as exc:
+            log.error("%s: starting from the OCV", exc)
+            self.restored = None
         self.latched_copy = store.latched()
         self.writer = StoreWriter(store)
         previous = self.restored
@@ -71,7 +76,11 @@ class PackRecorder:
             )
             return None
         now_utc = now_utc or dt.datetime.now(dt.UTC)
-        age_s = (now_utc - dt.datetime.fromisoformat(state.written_utc)).total_seconds()
+        try:
+            age_s = (now_utc - dt.datetime.fromisoformat(state.written_utc)).total_seconds()
+        except (ValueError, TypeError) as exc:
+            log.error("stored SOC has an unreadable time (%s): starting from the OCV", exc)
+            return None
         if not 0.0 <= age_s < rest_time_s:
             log.info(
                 "stored SOC is %.0f s old (rest_time_s %.0f s): starting from the OCV",

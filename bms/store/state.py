@@ -28,6 +28,8 @@ from bms.store import utc_now_iso
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 KEPT_SNAPSHOTS = 10
 BUSY_TIMEOUT_S = 0.2
 """How long a write waits for a lock another process holds before it fails (and is retried
@@ -83,9 +85,11 @@ class FaultEntry:
 class StateStore:
     """The SQLite file at ``path``; open it with :meth:`open` (moves a broken one aside)."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path):
+    def __init__(self, connection: sqlite3.Connection, path: Path, moved_aside: bool = False):
         self._db = connection
         self.path = path
+        self.moved_aside = moved_aside
+        """A broken or newer store was moved aside at this open: what it held is gone."""
 
     @classmethod
     def open(cls, path: Path) -> StateStore:
@@ -96,6 +100,7 @@ class StateStore:
         except OSError as exc:
             raise StoreError(f"cannot create {path.parent}: {exc}") from None
         problem = _unusable(path)
+        moved_aside = problem is not None
         if problem is not None:
             stamp = utc_now_iso().replace("-", "").replace(":", "").replace("+0000", "Z")
             aside = path.with_name(f"{path.name}.{problem[0]}-{stamp}")
@@ -119,7 +124,7 @@ class StateStore:
             _migrate(connection)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store {path}: {exc}") from None
-        return cls(connection, path)
+        return cls(connection, path, moved_aside)
 
     def close(self) -> None:
         self._db.close()
@@ -175,10 +180,16 @@ class StateStore:
 
     # ------------------------------------------------------------------- reads
     def latest_state(self) -> PackState | None:
+        """The newest snapshot; StoreError if it cannot be read back as a PackState."""
         row = self._db.execute(
             "SELECT state_json FROM snapshots ORDER BY seq DESC LIMIT 1"
         ).fetchone()
-        return None if row is None else PackState(**json.loads(row[0]))
+        if row is None:
+            return None
+        try:
+            return PackState(**json.loads(row[0]))
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{self.path}: the newest snapshot cannot be read: {exc}") from None
 
     def latched(self) -> dict[str, tuple[str, str]]:
         """The latched set's copy: fault id -> (latched_utc, description)."""
@@ -255,12 +266,11 @@ def _unusable(path: Path) -> tuple[str, str] | None:
         with contextlib.closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             check = db.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc):
-            return None  # another process writes it: not ours to move; the open reports it
-        return "corrupt", f"cannot be read ({exc})"
     except sqlite3.DatabaseError as exc:
-        return "corrupt", f"is corrupt ({exc})"
+        if getattr(exc, "sqlite_errorcode", None) in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            return "corrupt", f"is corrupt ({exc})"
+        # locked, unreadable for this user, I/O: not broken, so never moved aside
+        raise StoreError(f"cannot open the store {path}: {exc}") from None
     if check != "ok":
         return "corrupt", f"failed its integrity check ({check})"
     if version > SCHEMA_VERSION:

@@ -84,7 +84,13 @@ class StoreWriter:
             written = 0
             try:
                 for record in records:
-                    record(self.store)
+                    try:
+                        record(self.store)
+                    except StoreError:
+                        raise
+                    except Exception:  # a bad record must not stop the thread or the rest
+                        log.exception("store record dropped")
+                        self.dropped_records += 1
                     written += 1
                 if state is not None:
                     self.store.write_state(state)

@@ -278,3 +278,40 @@ def test_a_fault_state_is_left_only_when_nothing_holds_it():
     assert drive(fsm, box, 3, t0_s=3.3, open_now=True).state is ContactorState.FAULT
     assert drive(fsm, box, 1, t0_s=3.6, open_now=False).state is ContactorState.OPEN
     assert drive(fsm, box, 20, t0_s=3.7).state is ContactorState.CLOSED
+
+
+OPEN_FEEDBACK = ContactorFeedback(ALL_OPEN, valid=True)
+
+
+def test_the_cause_of_a_contactor_fault_is_gone_only_with_every_relay_read_open():
+    fsm = ContactorStateMachine(CHECKED)
+    closed = ContactorFeedback(RelayStates(positive=True), valid=True)
+    invalid = ContactorFeedback(ALL_OPEN, valid=False)
+    assert fsm.cause_gone("contactor_weld", OPEN_FEEDBACK, PACK_V, 0.0) is None
+    assert "does not show every relay open" in fsm.cause_gone("contactor_weld", closed, PACK_V, 0)
+    assert fsm.cause_gone("contactor_open_unconfirmed", invalid, PACK_V, 0.0) is not None
+
+
+def test_a_held_link_must_also_have_fallen_below_its_ratio():
+    fsm = ContactorStateMachine(CHECKED)  # link_decay_ratio 0.5
+    assert fsm.cause_gone("link_voltage_held", OPEN_FEEDBACK, PACK_V, 0.5 * PACK_V) is None
+    held = fsm.cause_gone("link_voltage_held", OPEN_FEEDBACK, PACK_V, 0.51 * PACK_V)
+    assert "still charged" in held
+    assert fsm.cause_gone("link_voltage_held", OPEN_FEEDBACK, PACK_V, float("nan")) is not None
+    # the ratio applies only to this fault
+    assert fsm.cause_gone("precharge_failed", OPEN_FEEDBACK, PACK_V, PACK_V) is None
+
+
+def test_a_reload_keeps_a_link_watch_it_still_asks_for_and_ends_one_it_drops():
+    fsm, box = ContactorStateMachine(CHECKED), Box(holds_link=True)
+    drive(fsm, box, 20)
+    drive(fsm, box, 5, t0_s=2.0, close=False)  # opened: the watch runs
+    fsm.reconfigure(CHECKED.model_copy(update={"link_decay_ratio": 0.4}))
+    out = drive(fsm, box, 25, t0_s=2.5, close=False)
+    assert "link_voltage_held" in out.faults  # still watched, with the new config
+    fsm, box = ContactorStateMachine(CHECKED), Box(holds_link=True)
+    drive(fsm, box, 20)
+    drive(fsm, box, 5, t0_s=2.0, close=False)
+    fsm.reconfigure(CHECKED.model_copy(update={"link_decay_s": None}))
+    out = drive(fsm, box, 25, t0_s=2.5, close=False)
+    assert out.faults == frozenset() and out.state is ContactorState.OPEN

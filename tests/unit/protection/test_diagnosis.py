@@ -200,3 +200,16 @@ def test_reconfigured_rows_keep_their_counters_capped_at_the_new_debounce():
     verdict = diagnosis.update({"temperature_invalid": True}, 0.1)
     assert "temperature_invalid" in verdict.active  # 3 reached, counted before the reload
     assert verdict.latched == ()  # the new 10 s delay applies
+
+
+def test_a_latch_restored_at_start_counts_as_present_until_this_run_judges_it_gone():
+    diagnosis = Diagnosis(DiagnosisConfig(debounce_cycles=3), latched=["cell_voltage_high_msl"])
+    assert diagnosis.cause_present("cell_voltage_high_msl")
+    verdict = diagnosis.update({"cell_voltage_high_msl": None}, 0.1)  # cannot be judged
+    assert "cell_voltage_high_msl" in verdict.active
+    assert diagnosis.cause_present("cell_voltage_high_msl")
+    for _ in range(5):  # 3 / 0.5 = 6 clean cycles to drain: one short
+        diagnosis.update({"cell_voltage_high_msl": False}, 0.1)
+    assert diagnosis.cause_present("cell_voltage_high_msl")
+    diagnosis.update({"cell_voltage_high_msl": False}, 0.1)
+    assert not diagnosis.cause_present("cell_voltage_high_msl")

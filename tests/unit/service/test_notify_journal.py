@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -114,6 +113,13 @@ def test_journal_records_carry_fault_id_and_cell(listener):
 def test_the_journal_is_used_only_where_stderr_goes_to_it(tmp_path):
     existing = tmp_path / "socket"
     existing.touch()
-    assert journal_wanted({"JOURNAL_STREAM": "8:1234"}, str(existing))
-    assert not journal_wanted({}, str(existing))
-    assert not journal_wanted({"JOURNAL_STREAM": "8:1234"}, str(Path(tmp_path / "none")))
+    stream = tmp_path / "stream"
+    with open(stream, "w") as f:
+        st = os.fstat(f.fileno())
+        ours = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert journal_wanted(ours, str(existing), stderr_fd=f.fileno())
+        assert not journal_wanted({}, str(existing), stderr_fd=f.fileno())
+        assert not journal_wanted(ours, str(tmp_path / "none"), stderr_fd=f.fileno())
+        # inherited from a parent whose stderr was the journal, but ours is not
+        other = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}
+        assert not journal_wanted(other, str(existing), stderr_fd=f.fileno())
