@@ -91,6 +91,7 @@ def _iterated_update(
             break
     for r in range(3):
         x[r] = point[r]
+    return s_var
 
 
 @njit(cache=True)
@@ -121,12 +122,10 @@ def ekf_step(
     tuning = EkfTuning(*tuning)
     # One allocation for all the scratch vectors: at a few dozen cells, ten small ones cost
     # as much as the cells themselves.
-    work = np.empty(44)
+    work = np.empty(26)
     z = work[0:5]
     f, b, h, k = work[5:8], work[8:11], work[11:14], work[14:17]
     ph = work[17:20]
-    a = work[26:35].reshape((3, 3))
-    m = work[35:44].reshape((3, 3))
     current_var = tuning.current_noise_a**2
     soc_walk_var = tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR
     rc_walk_var = tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
@@ -134,14 +133,14 @@ def ekf_step(
     for c in range(x.shape[0]):
         imp_row = at_temperature(tables.imp_temp_c, temp_c[c])
         impedance_at(tables, imp_row, x[c, 0], z)
-        a1 = rc_decay(z[R1], z[C1], dt_s)
-        a2 = rc_decay(z[R2], z[C2], dt_s)
+        a1, built1 = rc_decay(z[R1], z[C1], dt_s)
+        a2, built2 = rc_decay(z[R2], z[C2], dt_s)
         f[0] = 1.0
         f[1] = a1
         f[2] = a2
         b[0] = dt_s / (SECONDS_PER_HOUR * capacity_ah[c])
-        b[1] = z[R1] * (1.0 - a1)
-        b[2] = z[R2] * (1.0 - a2)
+        b[1] = z[R1] * built1
+        b[2] = z[R2] * built2
         i_step = step_current_a(previous_current_a[c], current_a[c])
         input_var = current_var
         unknown_soc_var = 0.0
@@ -191,21 +190,14 @@ def ekf_step(
                 x[c, r] += k[r] * innovation
             x[c, 0] = min(max(x[c, 0], SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
         else:
-            _iterated_update(
+            s_var = _iterated_update(
                 tables, imp_row, ocv_row, p[c], x[c], voltage_v[c], current_a[c], noise_var,
                 h, k, ph, work[20:26],
             )  # fmt: skip
 
-        # Joseph form: P = A P A' + K R K' with A = I - K H.
-        for r in range(3):
-            for s in range(3):
-                a[r, s] = (1.0 if r == s else 0.0) - k[r] * h[s]
-        for r in range(3):
-            for s in range(3):
-                m[r, s] = a[r, 0] * p[c, 0, s] + a[r, 1] * p[c, 1, s] + a[r, 2] * p[c, 2, s]
+        # P = P - (P H')(P H')' / S, on the six unique entries.
         for r in range(3):
             for s in range(r, 3):
-                value = m[r, 0] * a[s, 0] + m[r, 1] * a[s, 1] + m[r, 2] * a[s, 2]
-                value += k[r] * noise_var * k[s]
+                value = p[c, r, s] - ph[r] * ph[s] / s_var
                 p[c, r, s] = value
                 p[c, s, r] = value

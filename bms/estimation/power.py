@@ -61,9 +61,9 @@ def _limit_at(
         if moves and step > 0:
             impedance_at(tables, imp_row, soc_end, z)
         ocv, slope = ocv_at(tables, ocv_row, soc_end)
-        a1 = rc_decay(z[R1], z[C1], duration_s)
-        a2 = rc_decay(z[R2], z[C2], duration_s)
-        gain_ohm = z[R0] + z[R1] * (1.0 - a1) + z[R2] * (1.0 - a2)
+        a1, built1 = rc_decay(z[R1], z[C1], duration_s)
+        a2, built2 = rc_decay(z[R2], z[C2], duration_s)
+        gain_ohm = z[R0] + z[R1] * built1 + z[R2] * built2
         error_v = ocv + v1 * a1 + v2 * a2 + gain_ohm * current - target_v
         if abs(error_v) < NEWTON_TOLERANCE_V:
             break
