@@ -104,6 +104,25 @@ class ControlConfig(StrictModel):
         "voltage within this time; none: not checked (a charger may hold the link up)",
     )
     link_decay_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    precharge_time_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=60.0,
+        description="for a front-end without a DC-link voltage (a JBD): precharge this long "
+        "(at least 5 time constants of the precharge resistor and the link capacitance), then "
+        "close; none: precharge until the link voltage reaches precharge_ratio",
+    )
+
+    @model_validator(mode="after")
+    def _timed_precharge_fits(self) -> ControlConfig:
+        if self.precharge_time_s is not None:
+            if self.precharge_time_s >= self.precharge_timeout_s:
+                raise ValueError("precharge_time_s must be below precharge_timeout_s")
+            if self.precharge_min_s is not None:
+                raise ValueError(
+                    "precharge_min_s needs a link voltage; it cannot go with precharge_time_s"
+                )
+        return self
 
 
 class SocConfig(StrictModel):

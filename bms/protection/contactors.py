@@ -117,7 +117,12 @@ class ContactorStateMachine:
                 self.faults.add("contactor_feedback_mismatch")
                 self._enter(ContactorState.OPENING, t_s, ALL_OPEN)
             elif self._step is _Step.CHARGE_LINK:
-                if follows and _balanced(
+                timed_s = self.config.precharge_time_s
+                if timed_s is not None:  # no link voltage to watch: precharge for a set time
+                    if follows and in_state_s >= timed_s:
+                        self._step = _Step.CLOSE_POSITIVE
+                        self._enter(ContactorState.PRECHARGE, t_s, BRIDGING)
+                elif follows and _balanced(
                     link_voltage_v, pack_voltage_v, self.config.precharge_ratio
                 ):
                     if self._too_fast(in_state_s):

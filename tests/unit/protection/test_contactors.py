@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
+from pydantic import ValidationError
+
 from bms.config import ControlConfig
 from bms.protection.contactors import ContactorStateMachine
 from bms.types import ALL_OPEN, ContactorFeedback, ContactorState, RelayStates
@@ -315,3 +318,29 @@ def test_a_reload_keeps_a_link_watch_it_still_asks_for_and_ends_one_it_drops():
     fsm.reconfigure(CHECKED.model_copy(update={"link_decay_s": None}))
     out = drive(fsm, box, 25, t0_s=2.5, close=False)
     assert out.faults == frozenset() and out.state is ContactorState.OPEN
+
+
+TIMED = CONFIG.model_copy(update={"precharge_time_s": 0.5})
+
+
+def test_a_timed_precharge_closes_after_its_time_without_a_link_voltage():
+    """A front-end without a DC-link voltage (a JBD): the link is precharged for a set time."""
+    fsm, box = ContactorStateMachine(TIMED), Box()
+    states, commands = [], []
+    for n in range(20):
+        out = fsm.step(n * PERIOD_S, True, False, False, box.feedback(), PACK_V, float("nan"))
+        states.append(out.state)
+        commands.append(out.command)
+        box.obey(out.command)
+    assert out.state is ContactorState.CLOSED and out.faults == frozenset()
+    first_bridging = commands.index(RelayStates(True, True, True))
+    first_precharging = commands.index(RelayStates(True, True, False))
+    # precharging entered at its cycle; bridging 0.5 s (5 cycles) later, not before
+    assert first_bridging - first_precharging == 5
+
+
+def test_timed_precharge_is_refused_next_to_checks_that_need_a_link_voltage():
+    with pytest.raises(ValidationError, match="precharge_min_s needs a link voltage"):
+        ControlConfig(close_on_start=True, precharge_time_s=0.5, precharge_min_s=0.1)
+    with pytest.raises(ValidationError, match="below precharge_timeout_s"):
+        ControlConfig(close_on_start=True, precharge_time_s=3.0, precharge_timeout_s=3.0)
