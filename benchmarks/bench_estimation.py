@@ -160,8 +160,7 @@ class NumbaEkf:
         self.x = np.zeros((n, 3))
         self.x[:, 0] = inputs.soc0
         self.p = initial_covariance(cell.tuning, n)
-        self.innovation_v = np.empty(n)
-        self.innovation_std_v = np.empty(n)
+        self.update = np.zeros((n, 3))
 
     def step(self, k: int) -> None:
         inp = self.inputs
@@ -177,8 +176,7 @@ class NumbaEkf:
             inp.voltage_rows[j],
             inp.temp_c,
             inp.dt_list[j],
-            self.innovation_v,
-            self.innovation_std_v,
+            self.update,
         )
 
 

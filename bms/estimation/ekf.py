@@ -41,6 +41,15 @@ ITERATE_BEYOND_SOC = 0.01
 """An update that moves the SOC further than this is iterated."""
 MAX_UPDATE_ITERATIONS = 8
 ITERATION_TOLERANCE_SOC = 1e-5
+INNOVATION_GATE_SIGMA = 5.0
+"""A voltage further than this many standard deviations from the prediction is held back
+rather than believed at once: one sample taken across a load step (cell voltages of one
+instant, the current of another) or a glitch would otherwise move the SOC a long way on a
+single reading, with a small uncertainty after it."""
+GATE_HOLD_S = 1.0
+"""A cell's readings stay gated at most this long in a row: a voltage that stays far from the
+prediction is the truth (the state is wrong), and from then on it is taken, every sample, until
+one falls inside the gate again."""
 UNKNOWN_CURRENT_C_RATE = 1.0
 """While the current is NaN, the SOC's standard deviation grows as if a current of this C-rate
 could have flowed for any share of the time: by sqrt(t / 1 h) at 1C, so 0.1 after 36 s and
@@ -106,8 +115,7 @@ def ekf_step(
     voltage_v,
     temp_c,
     dt_s,
-    innovation_v,
-    innovation_std_v,
+    update,
 ):
     """Advance every cell by ``dt_s`` seconds and correct it with its measured voltage.
 
@@ -163,8 +171,8 @@ def ekf_step(
         p[c, 2, 2] += rc_walk_var
 
         if math.isnan(voltage_v[c]) or math.isnan(current_a[c]):
-            innovation_v[c] = math.nan
-            innovation_std_v[c] = math.nan
+            update[c, 0] = math.nan
+            update[c, 1] = math.nan
             continue
 
         # Update with the terminal voltage y = ocv(soc) + v1 + v2 + R0 i.
@@ -181,8 +189,14 @@ def ekf_step(
         h[1] = 1.0
         h[2] = 1.0
         s_var = _innovation_variance(p[c], h, noise_var, ph)
-        innovation_v[c] = innovation
-        innovation_std_v[c] = math.sqrt(s_var)
+        update[c, 0] = innovation
+        update[c, 1] = math.sqrt(s_var)
+        if innovation * innovation <= INNOVATION_GATE_SIGMA**2 * s_var:
+            update[c, 2] = 0.0
+        elif update[c, 2] < GATE_HOLD_S:
+            update[c, 2] += dt_s  # held back: the prediction alone, P grown by it
+            continue
+        # else: far off for GATE_HOLD_S already, and taken for as long as it stays far off
         for r in range(3):
             k[r] = ph[r] / s_var
         if abs(k[0] * innovation) < ITERATE_BEYOND_SOC:

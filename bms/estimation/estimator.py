@@ -76,8 +76,9 @@ class PackEstimator:
         self.rest_elapsed_s = 0.0
         self.rest_reinitialised = False
         self.durations_s = np.array(POWER_DURATIONS_S)
-        self._innovation_v = np.full(n_cells, math.nan)
-        self._innovation_std_v = np.full(n_cells, math.nan)
+        self._update = np.zeros((n_cells, 3))
+        """Per cell: innovation (V), its sigma (V), seconds gated in a row (see ekf_step)."""
+        self._update[:, :2] = math.nan
         self._charge_a = np.zeros((n_cells, len(POWER_DURATIONS_S)))
         self._discharge_a = np.zeros((n_cells, len(POWER_DURATIONS_S)))
 
@@ -127,12 +128,12 @@ class PackEstimator:
             cell_voltage_v,
             self.temp_c,
             dt_s,
-            self._innovation_v,
-            self._innovation_std_v,
+            self._update,
         )
         self.previous_current_a = current_a
         started = self._initialise_from_ocv(cell_current_a, cell_voltage_v)
-        self._innovation_v[started] = math.nan  # the update ran on a state now replaced
+        self._update[started, 0] = math.nan  # the update ran on a state now replaced
+        self._update[started, 2] = 0.0
         n_cells = self.x.shape[0]
         # When cells (re)start, every cell's state of power is brought up to date at once.
         count = n_cells if started.any() else self.power_cells_per_step
@@ -160,7 +161,7 @@ class PackEstimator:
         discharge_a = self._discharge_a * self.n_parallel
         charge_a[unknown] = math.nan
         discharge_a[unknown] = math.nan
-        innovation_v = self._innovation_v.copy()
+        innovation_v = self._update[:, 0].copy()
         innovation_v[unknown] = math.nan
         temps = self.cell.tables.imp_temp_c
         outside = (self.temp_c < temps[0] - MODEL_TEMP_MARGIN_C) | (
@@ -170,7 +171,7 @@ class PackEstimator:
             soc,
             soc_std,
             innovation_v,
-            self._innovation_std_v.copy(),
+            self._update[:, 1].copy(),
             charge_a,
             discharge_a,
             outside,

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from bms.estimation import ecm
-from bms.estimation.ekf import ekf_step
+from bms.estimation.ekf import GATE_HOLD_S, INNOVATION_GATE_SIGMA, ekf_step
 from bms.estimation.power import power_limits
 
 
-def run_ekf(cell, x, p, previous_a, current_a, voltage_v, temp_c, dt_s):
+def run_ekf(cell, x, p, previous_a, current_a, voltage_v, temp_c, dt_s, update=None):
+    """One ekf_step; ``update`` (n, 3) carries the gate's timers between calls (None: a fresh
+    one, so nothing has been gated yet)."""
     n = x.shape[0]
-    innovation, innovation_std = np.empty(n), np.empty(n)
+    update = np.zeros((n, 3)) if update is None else update
     ekf_step(
         tuple(cell.tables),
         tuple(cell.tuning),
@@ -27,10 +29,9 @@ def run_ekf(cell, x, p, previous_a, current_a, voltage_v, temp_c, dt_s):
         np.asarray(voltage_v, float),
         np.asarray(temp_c, float),
         dt_s,
-        innovation,
-        innovation_std,
+        update,
     )
-    return innovation, innovation_std
+    return update[:, 0].copy(), update[:, 1].copy()
 
 
 def test_model_response_to_a_constant_current_matches_the_closed_form(linear):
@@ -110,7 +111,11 @@ def test_ekf_step_matches_the_dense_textbook_filter(linear):
             linear, x0, p0, previous_a, current_a, voltage_v, temp_c, dt_s
         )
         x, p = x0[None].copy(), p0[None].copy()
-        e, s = run_ekf(linear, x, p, [previous_a], [current_a], [voltage_v], [temp_c], dt_s)
+        # random voltages lie far from the model: past the gate's hold, so the update is taken
+        gate_expired = np.array([[0.0, 0.0, GATE_HOLD_S]])
+        e, s = run_ekf(
+            linear, x, p, [previous_a], [current_a], [voltage_v], [temp_c], dt_s, gate_expired
+        )
         assert x[0] == pytest.approx(x_ref, rel=1e-6, abs=1e-9)
         assert p[0] == pytest.approx(p_ref, rel=1e-6, abs=1e-12)
         assert (e[0], s[0]) == pytest.approx((e_ref, s_ref), rel=1e-6)
@@ -149,7 +154,10 @@ def test_covariance_stays_symmetric_positive_definite_through_bad_data(generic):
 def test_a_nan_voltage_skips_the_update_and_grows_the_uncertainty(generic):
     x = np.array([[0.5, 0.0, 0.0], [0.5, 0.0, 0.0]])
     p = np.tile(np.diag([1e-4, 1e-6, 1e-6]), (2, 1, 1))
-    e, s = run_ekf(generic, x, p, [-5.0, -5.0], [-5.0, -5.0], [math.nan, 3.5], [25, 25], 1.0)
+    gate_expired = np.array([[0.0, 0.0, GATE_HOLD_S]] * 2)
+    e, s = run_ekf(
+        generic, x, p, [-5.0, -5.0], [-5.0, -5.0], [math.nan, 3.5], [25, 25], 1.0, gate_expired
+    )
     assert math.isnan(e[0]) and math.isnan(s[0]) and not math.isnan(e[1])
     assert x[0, 0] == pytest.approx(0.5 - 5.0 / (3600.0 * 5.0))  # prediction only
     assert p[0, 0, 0] > 1e-4 > p[1, 0, 0]
@@ -168,6 +176,52 @@ def test_an_unknown_current_makes_the_soc_unknown_within_minutes_at_any_rate(gen
     for _ in range(round(1800.0 / dt_s)):
         run_ekf(generic, x, p, [math.nan], [math.nan], [math.nan], [25.0], dt_s)
     assert p[0, 0, 0] == pytest.approx(0.25)  # capped at "unknown"
+
+
+def settled_cells(cell, n: int, soc: float, current_a: float):
+    """n cells that have tracked a steady current at ``soc`` for a while: state, covariance,
+    gate timers, and the voltage the model says they read."""
+    x = np.zeros((n, 3))
+    x[:, 0] = soc
+    p = np.tile(np.diag([0.02**2, 1e-6, 1e-6]), (n, 1, 1))
+    update = np.zeros((n, 3))
+    z = np.empty(5)
+    ecm.impedance(cell.tables, soc, 25.0, z)
+    ocv, _ = ecm.ocv_and_slope(cell.tables, soc, 25.0)
+    voltage_v = ocv + z[ecm.R0] * current_a
+    for _ in range(50):
+        run_ekf(
+            cell, x, p, [current_a] * n, [current_a] * n, [voltage_v] * n, [25.0] * n, 0.1, update
+        )
+    return x, p, update, voltage_v
+
+
+def test_one_sample_far_from_the_prediction_is_held_back(generic):
+    """A sample taken across a load step (the current of one instant, the voltages of another)
+    reads 0.2 V off: believed at once it would move the SOC by tenths with a small sigma."""
+    x, p, update, voltage_v = settled_cells(generic, 3, 0.8, 0.0)
+    soc_before = x[:, 0].copy()
+    e, s = run_ekf(
+        generic, x, p, [0.0] * 3, [0.0] * 3, [voltage_v - 0.2] * 3, [25.0] * 3, 0.1, update
+    )
+    assert np.all(np.abs(e) > INNOVATION_GATE_SIGMA * s)  # reported as it is, for diagnosis
+    assert x[:, 0] == pytest.approx(soc_before, abs=1e-9)  # but not believed
+    run_ekf(generic, x, p, [0.0] * 3, [0.0] * 3, [voltage_v] * 3, [25.0] * 3, 0.1, update)
+    assert x[:, 0] == pytest.approx(soc_before, abs=1e-4) and np.all(update[:, 2] == 0.0)
+
+
+def test_a_voltage_that_stays_far_off_is_taken_after_the_hold(generic):
+    x, p, update, voltage_v = settled_cells(generic, 1, 0.8, 0.0)
+    steps_held = 0
+    while x[0, 0] == pytest.approx(0.8, abs=1e-6):
+        run_ekf(generic, x, p, [0.0], [0.0], [voltage_v - 0.1], [25.0], 0.1, update)
+        steps_held += 1
+        assert steps_held < 100
+    # held for GATE_HOLD_S (ten steps of 0.1 s add up to a hair under 1 s), then taken
+    assert round(GATE_HOLD_S / 0.1) + 1 <= steps_held <= round(GATE_HOLD_S / 0.1) + 2
+    soc_after_first = x[0, 0]
+    run_ekf(generic, x, p, [0.0], [0.0], [voltage_v - 0.1], [25.0], 0.1, update)
+    assert x[0, 0] < soc_after_first  # and taken again while it stays far off
 
 
 def test_cells_are_independent(generic):
