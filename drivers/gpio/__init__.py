@@ -1,0 +1,1 @@
+"""GPIO backends: contactor relays on GPIO lines through libgpiod v2 (the ``gpiod`` package)."""
