@@ -149,13 +149,15 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
     FaultSpec(
         "frontend_device_error",
         Action.OPEN_AFTER_DELAY,
-        "the front-end device reports an internal error: its measurements cannot be trusted",
+        "the front-end device reports an internal error, is in its configuration mode, was "
+        "reset and not yet configured again, or its status could not be read in time: its "
+        "measurements cannot be trusted",
     ),
     FaultSpec(
         "frontend_current_sensor_fault",
         Action.OPEN_AFTER_DELAY,
-        "the current sensor reports a fault of its own (its trim memory failed): its current "
-        "is invalid",
+        "the current sensor reports a fault of its own (its trim memory failed), or lost its "
+        "calibration (a reset) and is being configured again: its current is invalid",
     ),
     FaultSpec(
         "frontend_config_mismatch",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from bms.backends import ContactorDriver
+from bms.comms.dbc import DbcError
 from bms.config import BmsConfig
 from bms.schema import StrictModel
 from bms.types import ContactorFeedback, RelayStates
@@ -53,7 +54,19 @@ class CanContactors(CanBackend, ContactorDriver):
             if config.protection.interlock:  # the pack has a loop: the DBC must carry it
                 feedback_signals.append("InterlockClosed")
             self._feedback_message = link.codec.message(options.feedback_message, feedback_signals)
-        self.link.subscribe(self._feedback_message.frame_id, self._on_feedback)
+            muxed = [
+                name
+                for name in feedback_signals
+                if self._feedback_message.get_signal_by_name(name).multiplexer_ids
+            ]
+            if muxed:
+                raise DbcError(
+                    f"{link.codec.path}: {options.feedback_message}.{muxed[0]} is multiplexed; "
+                    "the feedback signals must be in every frame"
+                )
+        self.link.subscribe(
+            self._feedback_message.frame_id, self._on_feedback, "contactor feedback"
+        )
         self._relays: RelayStates | None = None
         self._interlock_closed: bool | None = None
         self._rx_t_s = float("-inf")

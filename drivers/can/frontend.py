@@ -15,7 +15,9 @@ it has one, else ``period_s``; a value older than ``timeout_periods`` periods (o
 ``*_timeout_s``) is NaN and its group is reported stale. A frame of the wrong length, with a
 wrong checksum (the signal the DBC's ``ChecksumAlgorithm`` attribute marks), one cantools cannot
 decode, or one that repeats the previous rolling counter (the signal named ``counter_signal``,
-counted separately for each multiplexer value) is dropped and counted, never decoded into values.
+in every frame of its message and counted separately for each multiplexer value) or carries
+none (its code is outside the counter's range) is dropped and counted, never decoded into
+values.
 The bus itself is judged by the link (:class:`drivers.can.link.BusHealth`): its faults are
 listed in ``Measurement.frontend_faults``.
 """
@@ -235,11 +237,13 @@ class FrameStats:
     """Wrong length, or not decodable (an unknown multiplexer value, say)."""
     checksum_errors: int = 0
     counter_repeats: int = 0
+    counter_invalid: int = 0
+    """The counter's code is "not available" (outside its range): no proof of a new frame."""
     counter_jumps: int = 0
 
     @property
     def dropped(self) -> int:
-        return self.malformed + self.checksum_errors + self.counter_repeats
+        return self.malformed + self.checksum_errors + self.counter_repeats + self.counter_invalid
 
 
 @dataclass
@@ -316,8 +320,12 @@ class CanFrontEnd(CanBackend, FrontEnd):
             self._check_limits_fit(config)
             self._balancing = self._balancing_messages(link.codec, options, n_cells)
         self.supports_balancing = bool(self._balancing)
-        for frame_id, reader in self._readers.items():
-            self.link.subscribe(frame_id, self._handler(reader))
+        self._subscriptions = [
+            self.link.subscribe(
+                frame_id, self._handler(reader), f"front-end ({reader.message.name})"
+            )
+            for frame_id, reader in self._readers.items()
+        ]
 
     # ---------------------------------------------------------------- binding to the DBC
     def _bind_all(self, codec: DbcCodec, o: CanFrontEndOptions) -> None:
@@ -402,6 +410,11 @@ class CanFrontEnd(CanBackend, FrontEnd):
         if reader is None:
             counter = self.options.counter_signal
             counter_signal = next((s for s in message.signals if s.name == counter), None)
+            if counter_signal is not None and counter_signal.multiplexer_ids:
+                raise DbcError(
+                    f"{self.link.codec.path}: {message.name}.{counter} is multiplexed; a rolling "
+                    "counter must be in every frame of its message ([frontend] counter_signal)"
+                )
             mux = next((s.name for s in message.signals if s.is_multiplexer), None)
             reader = self._readers[message.frame_id] = _Reader(
                 message=message,
@@ -477,10 +490,14 @@ class CanFrontEnd(CanBackend, FrontEnd):
                 counter = reader.counters.get(mux_id)
                 if counter is None:
                     counter = reader.counters[mux_id] = RollingCounter(reader.counter_modulus)
-                jumps = counter.jumps
+                jumps, invalid = counter.jumps, counter.invalid
                 if not counter.advanced(decoded[reader.counter]):
-                    stats.counter_repeats += 1
-                    self._log_drop(reader, data, "repeated counter", stats.counter_repeats)
+                    if counter.invalid > invalid:
+                        stats.counter_invalid += 1
+                        self._log_drop(reader, data, "counter not available", stats.counter_invalid)
+                    else:
+                        stats.counter_repeats += 1
+                        self._log_drop(reader, data, "repeated counter", stats.counter_repeats)
                     return
                 stats.counter_jumps += counter.jumps - jumps
             for binding in reader.common:
@@ -534,7 +551,7 @@ class CanFrontEnd(CanBackend, FrontEnd):
             link_voltage_v=float(link_voltage_v),
             insulation_kohm=float(insulation_kohm),
             stale_groups=stale,
-            frame_errors=self.stats.dropped,
+            frame_errors=self.stats.dropped + sum(s.failures for s in self._subscriptions),
             frontend_faults=self.link.health.faults(t_s),
         )
 

@@ -11,6 +11,14 @@ receives and sends. A bus that is gone (interface down, adapter unplugged) or st
 shut down and re-opened on a thread of its own with exponential back-off, so neither
 :meth:`CanLink.poll` nor :meth:`CanLink.send` ever waits for it; meanwhile nothing is received
 (values go stale) and nothing is sent (the contactor box's dead-man opens the relays).
+
+**Bus-off on SocketCAN.** Closing and re-opening a raw socket does not touch the controller: a
+bus-off SocketCAN controller restarts only when the interface is configured to restart by
+itself (``ip link set can0 type can bitrate 500000 restart-ms 100``) or is restarted by hand
+(``ip link set can0 type can restart``). So the link keeps ``can_bus_off`` until the controller
+proves it is back (a ``CAN_ERR_RESTARTED`` error frame, or any data frame, which a bus-off
+controller cannot receive), however often it re-opens; set ``restart-ms`` on every interface
+pybms uses, or a bus-off lasts until someone restarts it.
 """
 
 from __future__ import annotations
@@ -34,10 +42,19 @@ from bms.config import BmsConfig, CanConfig
 
 log = logging.getLogger(__name__)
 
-MAX_POLL_S = 0.005
-"""Time one poll may spend draining frames, so a flooded (babbling) bus cannot stall the loop;
-what is left is read by the next poll (nothing is dropped: it waits in the receive queue), and
-the values it carries keep their arrival time meanwhile, so they age as they should."""
+POLL_BUDGET_FRACTION = 0.1
+"""Share of the loop's period one poll may spend draining frames, so a flooded (babbling) bus
+cannot stall the loop (the link is polled once per cycle). What is left waits in the socket's
+receive queue for the next poll, and the values it carries keep their arrival time meanwhile, so
+they age as they should. The kernel drops frames only when that queue (``receive_buffer_bytes``)
+is full; those drops are not counted here: the kernel counts them with SO_RXQ_OVFL as ancillary
+data, which python-can's receive (it accepts its timestamp alone) cannot take. They show as
+counter jumps on messages with a rolling counter."""
+
+PLAUSIBLE_TIMESTAMP_S = 3600.0
+"""A frame timestamp further than this from the wall clock is not wall-clock time (gs_usb and
+Kvaser adapters stamp frames with their own clock, seconds since they started): the arrival time
+of the poll is used instead. Far longer than a frame can wait in the receive queue."""
 
 FrameHandler = Callable[[float, bytes], None]
 
@@ -76,8 +93,9 @@ class HealthPolicy:
     transmit_fail_s: float = 0.25
     """Every send failing for this long is a fault (a single full queue is not)."""
     bus_off_reopen_s: float = 1.0
-    """A bus-off lasting this long re-opens the bus: re-initialising the controller is how most
-    adapters leave bus-off (SocketCAN restarts it by itself with ``restart-ms``)."""
+    """A bus-off lasting this long re-opens the bus (and again this long after each re-open,
+    with the back-off below): re-initialising the controller is how most adapters leave bus-off.
+    A SocketCAN controller restarts only by itself, with ``restart-ms`` (module docstring)."""
     reopen_min_s: float = 0.1
     reopen_max_s: float = 5.0
     """Back-off between re-open attempts: doubling from the first to the second."""
@@ -91,6 +109,8 @@ class BusHealth:
         self.policy = policy
         self.bus_off = False
         self.bus_off_since_s = math.inf
+        self._bus_off_by_state = False
+        """The bus-off came from ``bus.state``, which also says when it is over."""
         self.down = False
         """The bus is shut down and being re-opened."""
         self.error_passive = False
@@ -104,7 +124,7 @@ class BusHealth:
         if error_class & CAN_ERR_BUSOFF:
             self._set_bus_off(t_s)
         if error_class & CAN_ERR_RESTARTED:
-            self.bus_off = False
+            self.bus_off = self._bus_off_by_state = False
         if error_class & CAN_ERR_CRTL and len(data) > 1:
             status = data[1]
             if status & (CAN_ERR_CRTL_RX_PASSIVE | CAN_ERR_CRTL_TX_PASSIVE):
@@ -121,13 +141,17 @@ class BusHealth:
         """Read ``bus.state`` of an interface that reports it (``ERROR`` is bus-off)."""
         if state_name == "ERROR":
             self._set_bus_off(t_s)
-        elif state_name == "PASSIVE":
+            self._bus_off_by_state = True
+            return
+        if self._bus_off_by_state:  # the controller itself says it left bus-off
+            self.bus_off = self._bus_off_by_state = False
+        if state_name == "PASSIVE":
             self._last_error_frame_s = t_s
             self._set_error_passive(t_s)
 
     def on_frame(self) -> None:
         """A data frame arrived: a bus-off controller receives nothing, so it is back."""
-        self.bus_off = False
+        self.bus_off = self._bus_off_by_state = False
 
     def on_send(self, t_s: float, ok: bool) -> None:
         if ok:
@@ -138,14 +162,17 @@ class BusHealth:
     def on_lost(self, t_s: float) -> None:
         """The bus was shut down to be re-opened: no communication until it is."""
         self.down = True
-        self.bus_off = False
         self._last_seen_s[BUS_OFF] = t_s
 
-    def on_reopened(self) -> None:
+    def on_reopened(self, t_s: float) -> None:
+        """The bus is open again. A bus-off stays until the controller proves it is back (a
+        re-open restarts some adapters' controllers, never a SocketCAN one); the next re-open
+        for it comes ``bus_off_reopen_s`` from now."""
         self.down = False
-        self.bus_off = False
         self.error_passive = False
         self._tx_failing_since_s = None
+        if self.bus_off:
+            self.bus_off_since_s = t_s
 
     def _set_bus_off(self, t_s: float) -> None:
         if not self.bus_off:
@@ -260,7 +287,8 @@ def checksum_of(message: Message) -> FrameChecksum | None:
 
 
 def open_bus(can: CanConfig):
-    """Open a python-can bus from the config; enlarge the SocketCAN receive buffer."""
+    """Open a python-can bus from the config and enlarge the SocketCAN receive buffer; a bus
+    whose set-up fails after it opened is shut down, never leaked."""
     import can as python_can  # hardware library: imported only when a CAN backend is used
 
     try:
@@ -269,15 +297,44 @@ def open_bus(can: CanConfig):
         raise FrontEndError(
             f"cannot open CAN interface {can.interface!r} channel {can.channel!r}: {exc}"
         ) from None
-    sock = getattr(bus, "socket", None)
-    if isinstance(sock, socket.socket):
-        # SocketCAN drops frames in bursts with the default buffer (notes/kernel-can-i2c-in-ci.md).
-        # SO_RCVBUFFORCE needs CAP_NET_ADMIN; SO_RCVBUF is capped by net.core.rmem_max.
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, can.receive_buffer_bytes)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, can.receive_buffer_bytes)
+    try:
+        _enlarge_receive_buffer(bus, can)
+    except BaseException:
+        _shut_down(bus)
+        raise
     return bus
+
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+"""Linux's value (asm-generic/socket.h, which ARM and x86 use); Python's socket module exports
+the name only from 3.12 on."""
+
+
+def _enlarge_receive_buffer(bus, can: CanConfig) -> None:
+    """SocketCAN drops frames in bursts with the default buffer (notes/kernel-can-i2c-in-ci.md).
+    SO_RCVBUFFORCE needs CAP_NET_ADMIN; SO_RCVBUF is capped by net.core.rmem_max. A buffer that
+    cannot be enlarged is logged, not fatal: the bus works, bursts may overflow it."""
+    sock = getattr(bus, "socket", None)
+    if not isinstance(sock, socket.socket):
+        return
+    size = can.receive_buffer_bytes
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as exc:
+            log.warning(
+                "CAN %s: receive buffer not enlarged to %d bytes: %s", can.channel, size, exc
+            )
+
+
+def _shut_down(bus) -> None:
+    """Shut a bus down that is being given up; a dying adapter may fail in any way."""
+    try:
+        bus.shutdown()
+    except Exception as exc:
+        log.debug("shutting a CAN bus down failed: %s", exc)
 
 
 def _reports_state(bus) -> bool:
@@ -287,27 +344,46 @@ def _reports_state(bus) -> bool:
     return type(bus).state is not python_can.BusABC.state
 
 
+@dataclass(eq=False)
+class Subscription:
+    """One subscriber's handler of one frame id; ``failures`` counts the frames its handler
+    raised on (each such frame refreshes nothing of the subscriber's, so its values go stale)."""
+
+    frame_id: int
+    handler: FrameHandler
+    subscriber: str
+    failures: int = 0
+
+
 class CanLink:
     """A shared bus, its DBC, the subscribers of each frame id, and the bus's health."""
 
     _links: ClassVar[dict[tuple[str, str], CanLink]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, can: CanConfig):
+    def __init__(self, can: CanConfig, period_s: float):
+        """``period_s``: the control loop's period; a poll drains frames for at most
+        :data:`POLL_BUDGET_FRACTION` of it."""
         self.key = (can.interface, can.channel)
         self.can_config = can
+        self.poll_budget_s = POLL_BUDGET_FRACTION * period_s
         self.codec = DbcCodec(can.dbc_file)
         self.bus = open_bus(can)
         self._reports_state = _reports_state(self.bus)
         self.users = 0
-        self.handlers: dict[int, list[FrameHandler]] = {}
+        self.handlers: dict[int, list[Subscription]] = {}
         self.frames_received = 0
         self.unknown_frames = 0
         self.error_frames = 0
         self.send_failures = 0
+        self.handler_failures = 0
         self.reopens = 0
+        self.reopen_failures = 0
+        self.foreign_timestamps = 0
+        """Frames whose timestamp was not wall-clock time (stamped with their arrival instead)."""
         self.health = BusHealth(HealthPolicy())
         self.encoder = FrameEncoder(self.codec)
+        self._polled_t_s: float | None = None
         self._reopen_lock = threading.Lock()
         self._reopened_bus = None
         self._reopen_thread: threading.Thread | None = None
@@ -324,7 +400,7 @@ class CanLink:
         with cls._lock:
             link = cls._links.get(key)
             if link is None:
-                link = cls._links[key] = cls(config.can)
+                link = cls._links[key] = cls(config.can, config.loop.period_s)
             link.users += 1
             return link
 
@@ -355,13 +431,21 @@ class CanLink:
             self.release()
             raise
 
-    def subscribe(self, frame_id: int, handler: FrameHandler) -> None:
-        self.handlers.setdefault(frame_id, []).append(handler)
+    def subscribe(
+        self, frame_id: int, handler: FrameHandler, subscriber: str | None = None
+    ) -> Subscription:
+        """Hand every frame with ``frame_id`` to ``handler`` (named ``subscriber`` in logs)."""
+        name = subscriber or getattr(handler, "__qualname__", repr(handler))
+        subscription = Subscription(frame_id, handler, name)
+        self.handlers.setdefault(frame_id, []).append(subscription)
+        return subscription
 
     def poll(self, t_s: float) -> None:
         """Drain the receive queue without blocking and hand each frame to its subscribers,
-        stamped with its arrival on the monotonic clock. Never raises for the bus: a failing
-        receive shuts the bus down and starts re-opening it (:attr:`health` says so).
+        stamped with its arrival on the monotonic clock. Called by every backend that reads
+        (the front-end's read, the contactors' feedback), it polls once per cycle time
+        ``t_s``. Never raises: a failing receive shuts the bus down and starts re-opening it
+        (:attr:`health` says so), and a handler that raises is counted against its subscriber.
 
         python-can stamps frames on the wall clock (SocketCAN: in the kernel, on arrival), so a
         frame that waited in the queue while the loop was stalled keeps its age instead of
@@ -369,12 +453,17 @@ class CanLink:
         """
         import can as python_can
 
-        if self.bus is None and not self._adopt_reopened_bus():
+        if t_s == self._polled_t_s:
+            return
+        self._polled_t_s = t_s
+        if self.bus is None and not self._adopt_reopened_bus(t_s):
             return
         if self._reports_state:
             self._read_state(t_s)
-        wall_to_monotonic_s = time.monotonic() - time.time()
-        budget_end_s = time.monotonic() + MAX_POLL_S
+        now_s = time.monotonic()
+        wall_s = time.time()
+        wall_to_monotonic_s = now_s - wall_s
+        budget_end_s = now_s + self.poll_budget_s
         while time.monotonic() < budget_end_s:
             try:
                 frame = self.bus.recv(timeout=0.0)
@@ -384,8 +473,12 @@ class CanLink:
             if frame is None:
                 break
             rx_t_s = t_s
-            if frame.timestamp > 0.0:
-                rx_t_s = min(t_s, frame.timestamp + wall_to_monotonic_s)
+            stamp_s = frame.timestamp
+            if stamp_s > 0.0:
+                if abs(stamp_s - wall_s) <= PLAUSIBLE_TIMESTAMP_S:
+                    rx_t_s = min(t_s, stamp_s + wall_to_monotonic_s)
+                else:
+                    self._foreign_timestamp(stamp_s - wall_s)
             if frame.is_error_frame:
                 self.error_frames += 1
                 self.health.on_error_frame(rx_t_s, frame.arbitration_id, bytes(frame.data))
@@ -395,14 +488,44 @@ class CanLink:
             if frame.is_remote_frame:
                 self.unknown_frames += 1
                 continue
-            handlers = self.handlers.get(frame.arbitration_id)
-            if handlers is None:
+            subscriptions = self.handlers.get(frame.arbitration_id)
+            if subscriptions is None:
                 self.unknown_frames += 1
                 continue
             data = bytes(frame.data)
-            for handler in handlers:
-                handler(rx_t_s, data)
+            for subscription in subscriptions:
+                try:
+                    subscription.handler(rx_t_s, data)
+                except Exception:
+                    self._handler_failed(subscription, data)
         self._judge(t_s)
+
+    def _handler_failed(self, subscription: Subscription, data: bytes) -> None:
+        """Call from the ``except`` block: count, and log the first failure with its traceback,
+        then every 1000th."""
+        subscription.failures += 1
+        self.handler_failures += 1
+        count = subscription.failures
+        if count == 1 or count % 1000 == 0:
+            log.error(
+                "%s failed on frame 0x%x %s (%d so far); its values are not refreshed",
+                subscription.subscriber,
+                subscription.frame_id,
+                data.hex(),
+                count,
+                exc_info=count == 1,
+            )
+
+    def _foreign_timestamp(self, offset_s: float) -> None:
+        self.foreign_timestamps += 1
+        if self.foreign_timestamps == 1:
+            log.warning(
+                "CAN %s %s stamps frames %.0f s away from the wall clock (an adapter clock, "
+                "not wall-clock time): the poll that reads a frame stamps it instead, so a "
+                "frame that waited in the receive queue looks fresh",
+                *self.key,
+                offset_s,
+            )
 
     def _read_state(self, t_s: float) -> None:
         import can as python_can
@@ -433,10 +556,10 @@ class CanLink:
         on. False if the frame did not go out."""
         import can as python_can
 
-        if self.bus is None and not self._adopt_reopened_bus():
+        t_s = time.monotonic()
+        if self.bus is None and not self._adopt_reopened_bus(t_s):
             self.send_failures += 1
             return False
-        t_s = time.monotonic()
         try:
             transmit(self.bus, message, self.encoder.encode(message, values))
         except python_can.CanError as exc:
@@ -464,11 +587,10 @@ class CanLink:
         thread.start()
 
     def _reopen(self, old_bus, delay_s: float) -> None:
+        """Retry until a bus opens or the link closes: any failure (not only the typed one an
+        absent interface gives) is counted, logged now and then, and retried."""
         if old_bus is not None:
-            try:
-                old_bus.shutdown()
-            except Exception as exc:  # a dying adapter may fail in any way; it is gone anyway
-                log.debug("shutting the lost CAN bus down failed: %s", exc)
+            _shut_down(old_bus)
         attempts = 0
         policy = self.health.policy
         while not self._closing.wait(delay_s):
@@ -476,19 +598,25 @@ class CanLink:
             delay_s = min(max(2 * delay_s, policy.reopen_min_s), policy.reopen_max_s)
             try:
                 bus = open_bus(self.can_config)
-            except FrontEndError as exc:
+            except Exception as exc:
+                self.reopen_failures += 1
                 if attempts == 1 or attempts % 10 == 0:
-                    log.warning("re-opening CAN failed (attempt %d): %s", attempts, exc)
+                    log.warning(
+                        "re-opening CAN failed (attempt %d): %s",
+                        attempts,
+                        exc,
+                        exc_info=not isinstance(exc, FrontEndError),
+                    )
                 continue
             with self._reopen_lock:
                 if self._closing.is_set():
-                    bus.shutdown()
+                    _shut_down(bus)
                 else:
                     self._reopened_bus = bus
                     self._reopen_delay_s = delay_s
             return
 
-    def _adopt_reopened_bus(self) -> bool:
+    def _adopt_reopened_bus(self, t_s: float) -> bool:
         with self._reopen_lock:
             bus, self._reopened_bus = self._reopened_bus, None
         if bus is None:
@@ -496,7 +624,7 @@ class CanLink:
         self.bus = bus
         self._reports_state = _reports_state(bus)
         self.reopens += 1
-        self.health.on_reopened()
+        self.health.on_reopened(t_s)
         log.warning("CAN %s %s re-opened", *self.key)
         return True
 
@@ -559,15 +687,20 @@ class CanBackend:
 class RollingCounter:
     """Checks a frame's rolling counter: a frame that repeats the previous value is a frozen
     sender resending its last frame, so it proves nothing new (opendbc's counter check). With
-    the counter's ``modulus``, a count that skips values is counted as lost frames."""
+    the counter's ``modulus``, a count that skips values is counted as lost frames. A counter
+    that is not available (NaN: a code outside its range) proves nothing either."""
 
     def __init__(self, modulus: int | None = None) -> None:
         self.modulus = modulus
         self.last: float | None = None
         self.repeats = 0
         self.jumps = 0
+        self.invalid = 0
 
     def advanced(self, counter: float) -> bool:
+        if math.isnan(counter):
+            self.invalid += 1
+            return False
         fresh = counter != self.last
         if not fresh:
             self.repeats += 1

@@ -15,7 +15,16 @@ data sheet (SLUSE13):
 - **Data memory** (0x9180..0x93FF) is read and written the same way with the address in
   place of the subcommand; a read returns a 32-byte block. Writes are made only in
   CONFIG_UPDATE mode (SET_CFGUPDATE / EXIT_CFGUPDATE), which stops normal operation while it
-  lasts, so the driver enters it only when a setting differs and reads every value back.
+  lasts ("the device stops normal firmware operation and stops all measurements and
+  protection monitoring"), so the driver enters it only when a setting differs and reads every
+  value back. A chip found in it (a host killed between the two) is taken out of it.
+- **Settings live in RAM.** A full reset (power loss, watchdog) brings back the OTP or default
+  settings, Vcell Mode and CC Gain included, and sets Battery Status POR, which stays set until
+  CONFIG_UPDATE is next left: the host must configure again.
+- **SLEEP** (Power Config SLEEP, set by default): below Power:Sleep:Sleep Current the chip
+  sleeps and measures only every Power:Sleep:Voltage Time (5 s by default); Battery Status
+  SLEEP says so and SLEEP_EN says it is allowed. A BMS loop needs fresh values: the driver
+  sends SLEEP_DISABLE.
 - **I2C CRC mode** (Settings:Configuration:Comm Type): every data byte is followed by a
   CRC-8 (x^8+x^2+x+1, initial 0). The CRC of the first data byte of a transfer covers the
   address byte(s) and the command too ([addr+W, cmd, data] when writing, [addr+W, cmd,
@@ -98,6 +107,8 @@ SUB_SET_CFGUPDATE = 0x0090
 SUB_EXIT_CFGUPDATE = 0x0092
 SUB_ALL_FETS_OFF = 0x0095
 SUB_ALL_FETS_ON = 0x0096
+SUB_SLEEP_ENABLE = 0x0099
+SUB_SLEEP_DISABLE = 0x009A
 SUB_SWAP_COMM_MODE = 0x29BC
 
 # Data memory (TRM, data memory summary)
@@ -120,10 +131,13 @@ calibration); Capacity Gain = CC Gain * CAPACITY_GAIN_FACTOR."""
 CAPACITY_GAIN_FACTOR = 298261.6178
 
 # Battery Status bits (TRM, Battery Status register)
-BS_CFGUPDATE = 1 << 0
+BS_CFGUPDATE = 1 << 0  # in CONFIG_UPDATE mode: no measurements, no protections
+BS_SLEEP_EN = 1 << 2  # SLEEP mode is allowed
+BS_POR = 1 << 3  # a full reset happened (RAM settings lost); cleared on leaving CONFIG_UPDATE
 BS_SEC_SHIFT = 8  # 2 bits: 0 not initialised, 1 FULLACCESS, 2 UNSEALED, 3 SEALED
 BS_SS = 1 << 11  # an enabled safety fault is triggered
 BS_PF = 1 << 12  # a permanent fail fault is triggered
+BS_SLEEP = 1 << 15  # in SLEEP mode: measurements only every Power:Sleep:Voltage Time
 SECURITY_STATES = {0: "not initialised", 1: "FULLACCESS", 2: "UNSEALED", 3: "SEALED"}
 
 MFG_FET_EN = 1 << 4
@@ -141,6 +155,8 @@ SAFETY_BITS: tuple[dict[int, str], dict[int, str], dict[int, str]] = (
 
 CELL_RANGE_V = (-0.2, 5.5)
 """What a cell input can measure (data sheet); a reading outside is not a measurement."""
+CODE_FULL_SCALE = (-32768, 32767)
+"""16-bit codes at which a reading saturates: the true value is anywhere beyond, so NaN."""
 STACK_RANGE_V = (0.0, 85.0)
 TEMPERATURE_RANGE_C = (-60.0, 150.0)
 KELVIN_OFFSET = 273.15
@@ -206,6 +222,15 @@ class SafetyReading:
     @property
     def alerts(self) -> tuple[str, ...]:
         return _bit_names(self.alert)
+
+
+@dataclass(frozen=True, slots=True)
+class ChipStatus:
+    """Safety Alert/Status A..C and Battery Status, read in one transfer."""
+
+    safety: SafetyReading
+    battery: int
+    """Battery Status (the ``BS_*`` bits)."""
 
 
 def _bit_names(registers: tuple[int, int, int]) -> tuple[str, ...]:
@@ -392,15 +417,35 @@ class Bq76952:
     def battery_status(self) -> int:
         return int.from_bytes(self.read_direct(BATTERY_STATUS, 2), "little")
 
-    def _wait_for_config_update(self, entered: bool) -> None:
+    def read_status(self) -> ChipStatus:
+        """Safety Alert and Status A..C and Battery Status, in one block read (0x02..0x13)."""
+        raw = self.read_direct(SAFETY_ALERT_A, BATTERY_STATUS + 2 - SAFETY_ALERT_A)
+        safety = SafetyReading(alert=(raw[0], raw[2], raw[4]), status=(raw[1], raw[3], raw[5]))
+        at = BATTERY_STATUS - SAFETY_ALERT_A
+        return ChipStatus(safety, int.from_bytes(raw[at : at + 2], "little"))
+
+    def _wait_for_status(self, bit: int, is_set: bool, what: str) -> None:
+        """Poll Battery Status until ``bit`` is ``is_set``; ``what`` names it in the error."""
         deadline = self.clock() + SUBCOMMAND_TIMEOUT_S
-        while bool(self.battery_status() & BS_CFGUPDATE) != entered:
+        while bool(self.battery_status() & bit) != is_set:
             if self.clock() > deadline:
-                raise self.device.error(
-                    I2cProtocolError,
-                    f"did not {'enter' if entered else 'leave'} CONFIG_UPDATE mode",
-                )
+                raise self.device.error(I2cProtocolError, f"did not {what}")
             self.sleep(SUBCOMMAND_POLL_S)
+
+    def _wait_for_config_update(self, entered: bool) -> None:
+        what = "enter CONFIG_UPDATE mode" if entered else "leave CONFIG_UPDATE mode"
+        self._wait_for_status(BS_CFGUPDATE, entered, what)
+
+    def exit_config_update(self) -> None:
+        """Leave CONFIG_UPDATE mode (measurements and protections resume); clears POR."""
+        self.command(SUB_EXIT_CFGUPDATE)
+        self._wait_for_config_update(False)
+
+    def disable_sleep(self) -> None:
+        """Keep the chip out of SLEEP mode (it leaves it at once if in it), so it measures at
+        its full rate; checked on Battery Status SLEEP_EN. Lost on a reset."""
+        self.command(SUB_SLEEP_DISABLE)
+        self._wait_for_status(BS_SLEEP_EN, False, "disallow SLEEP mode (SLEEP_DISABLE)")
 
     # -- identity and start-up configuration ---------------------------------------------
 
@@ -457,9 +502,11 @@ class Bq76952:
 
         Settings that already hold are left alone; CONFIG_UPDATE mode (which stops the
         device's measurements and protections while it lasts) is entered only for the rest,
-        and every value written is read back after leaving it. Returns what was changed.
-        Raises :class:`I2cProtocolError` when the device is sealed or a value does not read
-        back, so a misconfigured chip never passes for a configured one.
+        or with nothing to write when Battery Status POR is set (a reset the host has not yet
+        answered: leaving CONFIG_UPDATE clears it), and every value written is read back after
+        leaving it. Returns what was changed. Raises :class:`I2cProtocolError` when the device
+        is sealed or a value does not read back, so a misconfigured chip never passes for a
+        configured one.
         """
         wanted: list[tuple[str, int, bytes]] = [
             ("Vcell Mode", DM_VCELL_MODE, vcell_mode(cell_inputs).to_bytes(2, "little"))
@@ -480,7 +527,7 @@ class Bq76952:
             for name, address, value in wanted
             if self.read_data_memory(address, len(value)) != value
         ]
-        if not changes:
+        if not changes and not self.battery_status() & BS_POR:
             return []
         self.command(SUB_SET_CFGUPDATE)
         self._wait_for_config_update(True)
@@ -488,10 +535,13 @@ class Bq76952:
             for _, address, value in changes:
                 self.write_data_memory(address, value)
         finally:
-            self.command(SUB_EXIT_CFGUPDATE)
-            self._wait_for_config_update(False)
+            self.exit_config_update()
         if new_comm_type is not None:
             self._enter_crc_mode()
+        if self.battery_status() & BS_POR:
+            raise self.device.error(
+                I2cProtocolError, "Battery Status POR is still set after leaving CONFIG_UPDATE"
+            )
         for name, address, value in changes:
             got = self.read_data_memory(address, len(value))
             if got != value:
@@ -501,7 +551,7 @@ class Bq76952:
                     f"writing {value.hex()}",
                 )
         names = [name for name, _, _ in changes]
-        log.info("%s: configured %s", self, ", ".join(names))
+        log.info("%s: configured %s", self, ", ".join(names) or "nothing (reset acknowledged)")
         return names
 
     def _enter_crc_mode(self) -> None:
@@ -529,11 +579,13 @@ class Bq76952:
         )
 
     def read_pack(self) -> PackReading:
-        """Stack, PACK pin and LD pin voltages and the CC2 current, in one block read."""
+        """Stack, PACK pin and LD pin voltages and the CC2 current, in one block read; a CC2
+        code at full scale is a saturated reading, NaN."""
         raw = self.read_direct(STACK_VOLTAGE, 8)
         codes = [_signed16(raw[i], raw[i + 1]) for i in range(0, 8, 2)]
         volts = [_in_range(code * self.units.voltage_v, STACK_RANGE_V) for code in codes[:3]]
-        return PackReading(*volts, cc2_current_a=codes[3] * self.units.current_a)
+        current_a = math.nan if codes[3] in CODE_FULL_SCALE else codes[3] * self.units.current_a
+        return PackReading(*volts, cc2_current_a=current_a)
 
     def read_temperatures_c(self) -> np.ndarray:
         """The temperatures of :data:`TEMPERATURE_INPUTS` (10,) in degC, in one block read;
@@ -565,7 +617,14 @@ class Bq76952:
     def set_active_cells(self, mask: int) -> None:
         """Balance the cell inputs in ``mask`` (bit n-1 = input n), all others off, and
         check that the device took it (CB_ACTIVE_CELLS reads back the mask). The chip's
-        own rules apply: it may refuse inputs without a cell or while its limits hold."""
+        own rules apply: it may refuse inputs without a cell or while its limits hold.
+
+        The chip keeps bleeding until told otherwise: unlike the BQ7690x (a 20 s timer on
+        every CB_ACTIVE_CELLS, SLUAAP7), the BQ769x2 documents no timeout for host-controlled
+        balancing (SLUAA81A), and its host watchdog (Protections:HWD:Delay, Safety Status C
+        HWDF) is documented to act on the FETs and the REG1/REG2 regulators only. A host that
+        dies leaves the bleeding on until the chip resets; SLEEP would end it by default
+        (Balancing Configuration CB_SLEEP = 0), but the driver disables SLEEP."""
         self.write_subcommand(SUB_CB_ACTIVE_CELLS, mask.to_bytes(2, "little"))
         got = self.active_cells()
         if got != mask:

@@ -9,6 +9,23 @@ bad checksum) makes its values NaN at once, without refreshing their time, so a 
 keeps failing goes stale; failures are counted in ``frame_errors`` and logged once when they
 start, then once every ``FAILURE_LOG_INTERVAL_S`` while they last, and once more on recovery.
 
+Every poll of a chip starts with its status (Safety Status and Battery Status, one transfer),
+which says whether the codes that follow are this poll's measurements (BQ76952 TRM):
+
+- CONFIG_UPDATE (measurements and protections stopped) or POR (a reset: Vcell Mode and the CC
+  gain back at their defaults): the chip's values are NaN, ``frontend_device_error`` is
+  listed, and the chip is configured again (taken out of CONFIG_UPDATE, its settings written,
+  SLEEP disallowed) until that succeeds;
+- SLEEP (measurements only every few seconds): the chip's values are not refreshed, so they
+  age to stale; SLEEP allowed again (a partial reset) is disallowed again.
+
+The status has a freshness of its own: the chip's own faults (Safety Status, Battery Status
+PF) stay listed while the status that reported them is younger than ``status_timeout_s``, and a
+chip whose status is older is ``frontend_device_error``, never a silent "no faults". The INA228
+reads back its calibration with every reading: a chip that lost it (a reset) gives no current
+and ``frontend_current_sensor_fault`` until it is configured again; its shunt-voltage limits
+(at the short-circuit current) are ``frontend_short_circuit``.
+
 Chips are listed bottom of the stack first; the cells of the pack are the chips' cell inputs
 in that order. The pack voltage is the sum of the chips' stack voltages; the DC-link voltage
 (precharge) is one chip's PACK or LD pin, taken against that chip's VSS and so raised by the
@@ -18,6 +35,7 @@ one chip, or the INA228's, in which case CC2 (if any) is ``redundant_current_a``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -67,7 +85,15 @@ SAFETY_FAULT_IDS = {
 """Diagnosis-table fault ids for the BQ76952's Safety Status bits (TRM names)."""
 PERMANENT_FAIL_ID = "frontend_permanent_fail"
 """Battery Status PF: the chip has latched a permanent failure."""
-INA228_ERROR_IDS = {Ina228Alerts.MEMORY_ERROR: "frontend_current_sensor_fault"}
+DEVICE_ERROR_ID = "frontend_device_error"
+"""A chip whose measurements cannot be trusted: in CONFIG_UPDATE, reset and not yet configured
+again, or its status unread for longer than ``status_timeout_s``."""
+CURRENT_SENSOR_FAULT_ID = "frontend_current_sensor_fault"
+INA228_ALERT_IDS = {
+    Ina228Alerts.MEMORY_ERROR: CURRENT_SENSOR_FAULT_ID,
+    Ina228Alerts.SHUNT_OVER: "frontend_short_circuit",  # the limits are the short circuit's
+    Ina228Alerts.SHUNT_UNDER: "frontend_short_circuit",
+}
 
 Thermistor = Literal[tuple(TEMPERATURE_INPUTS)]  # type: ignore[valid-type]
 
@@ -142,6 +168,14 @@ class Bq76952Options(StrictModel):
     cell_voltage_timeout_s: float = Field(0.5, gt=0.0, le=60.0, validate_default=True)
     temperature_timeout_s: float = Field(1.0, gt=0.0, le=60.0, validate_default=True)
     pack_timeout_s: float = Field(0.5, gt=0.0, le=60.0, validate_default=True)
+    status_timeout_s: float = Field(
+        0.5,
+        gt=0.0,
+        le=60.0,
+        validate_default=True,
+        description="a chip's faults last this long after its status was read; an older "
+        "status is a device error",
+    )
     balancing_timeout_s: float = Field(
         1.0, gt=0.0, le=60.0, description="bleeding stops when balancing commands stop"
     )
@@ -201,7 +235,9 @@ class Bq76952Options(StrictModel):
             raise ValueError(f"link_voltage_chip {index} is not a chip")
         return index
 
-    @field_validator("cell_voltage_timeout_s", "temperature_timeout_s", "pack_timeout_s")
+    @field_validator(
+        "cell_voltage_timeout_s", "temperature_timeout_s", "pack_timeout_s", "status_timeout_s"
+    )
     @classmethod
     def _longer_than_a_poll(cls, timeout_s: float, info: ValidationInfo) -> float:
         period_s = info.data.get("poll_period_s")
@@ -247,7 +283,9 @@ class _Failures:
         self._logged_s: dict[str, float] = {}
         self._failed_s: dict[str, float] = {}
 
-    def failed(self, source: str, what: str, exc: Exception) -> None:
+    def failed(self, source: str, what: str, exc: Exception, traceback: bool = False) -> None:
+        """Count a failure; ``traceback`` (a bug rather than the bus) logs it as an error,
+        with its traceback the first time."""
         self.total += 1
         now_s = self.clock()
         self._unreported[source] = self._unreported.get(source, 0) + 1
@@ -256,7 +294,9 @@ class _Failures:
         if logged_s is None or now_s - logged_s >= FAILURE_LOG_INTERVAL_S:
             count = self._unreported.pop(source)
             since = "" if logged_s is None else f" ({count} failures in {now_s - logged_s:.0f} s)"
-            log.warning("%s: %s failed%s: %s", source, what, since, exc)
+            level = logging.ERROR if traceback else logging.WARNING
+            first = traceback and logged_s is None
+            log.log(level, "%s: %s failed%s: %s", source, what, since, exc, exc_info=first)
             self._logged_s[source] = now_s
 
     def ok(self, source: str) -> None:
@@ -273,18 +313,35 @@ class _Failures:
 
 
 class _Chip:
-    """One BQ76952 and where its values go in the pack."""
+    """One BQ76952, where its values go in the pack, and what the poller knows of it."""
 
-    def __init__(self, driver: Bq76952, options: ChipOptions, first_cell: int, first_temp: int):
+    def __init__(
+        self,
+        driver: Bq76952,
+        options: ChipOptions,
+        index: int,
+        first_cell: int,
+        first_temp: int,
+    ):
         self.driver = driver
+        self.options = options
+        self.index = index
         self.inputs = np.array(options.cell_inputs) - 1
         self.cells = slice(first_cell, first_cell + len(options.cell_inputs))
         self.temp_inputs = [TEMPERATURE_INPUTS.index(name) for name in options.thermistors]
         self.temps = slice(first_temp, first_temp + len(options.thermistors))
         self.name = str(driver)
         self.applied_mask: int | None = None
+        self.configured = False
+        """Its settings hold (set at start, lost with CONFIG_UPDATE or POR until restored)."""
+        self.answering = False
+        """Its status was read in this poll: commands may be sent to it."""
         self.faults: tuple[str, ...] = ()
+        """Its own faults, from the last status read (at ``status_t_s``)."""
+        self.status_t_s = -math.inf
         self.pack: bq76952.PackReading | None = None
+        self.pack_t_s = -math.inf
+        self.reconfigurations = 0
 
 
 class Bq76952FrontEnd(FrontEnd):
@@ -307,6 +364,7 @@ class Bq76952FrontEnd(FrontEnd):
         clock: Callable[[], float] = time.monotonic,
     ):
         self.options = options
+        self.config = config
         self.clock = clock
         self.n_cells = config.pack.n_cells
         self._lock = threading.Lock()
@@ -330,31 +388,30 @@ class Bq76952FrontEnd(FrontEnd):
     def _open(self, config: BmsConfig) -> None:
         options = self.options
         first_cell = first_temp = 0
-        for chip_options in options.chips:
+        for index, chip_options in enumerate(options.chips):
             driver = Bq76952(I2cDevice(self.bus, chip_options.address, options.bus))
-            chip = _Chip(driver, chip_options, first_cell, first_temp)
-            self._start_chip(chip, chip_options, config)
+            chip = _Chip(driver, chip_options, index, first_cell, first_temp)
+            self._start_chip(chip)
             self.chips.append(chip)
             first_cell, first_temp = chip.cells.stop, chip.temps.stop
         self.ina228: Ina228 | None = None
+        self._ina_status_t_s = -math.inf
+        self._ina_faults: tuple[str, ...] = ()
+        self._ina_lost = False
         if options.ina228 is not None:
             self.ina228 = self._start_ina228(options.ina228, config)
-        self._pack_names = ["pack_voltage_v", "current_a"]
+        self._pack_names = ["pack_voltage_v", "current_a", "link_voltage_v"]
         if options.cc2_redundant:
             self._pack_names.append("redundant_current_a")
-        if options.link_voltage != "ina228_bus" or options.ina228 is not None:
-            self._pack_names.append("link_voltage_v")
-        self._pack_names += [f"status{k}" for k in range(len(self.chips))]
         self._pack_index = {name: i for i, name in enumerate(self._pack_names)}
         self._cells = _Signals(self.n_cells)
         self._temps = _Signals(config.pack.n_temp_sensors)
         self._pack = _Signals(len(self._pack_names))
-        self._ina_faults: tuple[str, ...] = ()
         self._balance_cells = np.zeros(self.n_cells, dtype=bool)
         self._balance_t_s = -math.inf
         self._balancing_timed_out = True
 
-    def _start_chip(self, chip: _Chip, chip_options: ChipOptions, config: BmsConfig) -> None:
+    def _start_chip(self, chip: _Chip) -> None:
         driver = chip.driver
         if driver.detect_crc() and not self.options.crc:
             log.info("%s is in I2C CRC mode; using it", driver)
@@ -367,27 +424,45 @@ class Bq76952FrontEnd(FrontEnd):
             build,
             driver.hardware_version(),
         )
+        if driver.battery_status() & bq76952.BS_CFGUPDATE:
+            log.warning(
+                "%s was left in CONFIG_UPDATE mode (a host stopped while configuring it), with "
+                "its measurements and protections stopped: leaving it",
+                driver,
+            )
+        self._configure_chip(chip)
+
+    def _configure_chip(self, chip: _Chip) -> None:
+        """Bring a chip into the state the poller relies on, at start and after it lost it:
+        out of CONFIG_UPDATE, its user units checked, its settings written (which clears POR),
+        SLEEP disallowed, no bleeding, and its FETs as configured."""
+        driver = chip.driver
+        if driver.battery_status() & bq76952.BS_CFGUPDATE:
+            driver.exit_config_update()
         units = driver.read_units()
-        limits = config.limits
-        top_v = len(chip_options.cell_inputs) * limits.cell_voltage_high_v.msl
+        limits = self.config.limits
+        top_v = len(chip.options.cell_inputs) * limits.cell_voltage_high_v.msl
         if top_v >= units.voltage_full_scale_v:
             raise FrontEndError(
                 f"{driver}: its stack of up to {top_v:g} V does not fit userV "
                 f"({units.voltage_v * 1000:g} mV, up to {units.voltage_full_scale_v:g} V); "
                 "set DA Configuration USER_VOLTS_CV"
             )
-        if self.options.cc2 and len(self.chips) == self.options.cc2_chip:
-            self._check_cc2_range(driver, units, config)
+        if self.options.cc2 and chip.index == self.options.cc2_chip:
+            self._check_cc2_range(driver, units, self.config)
         driver.configure(
-            chip_options.cell_inputs,
+            chip.options.cell_inputs,
             crc=self.options.crc,
-            sense_resistance_mohm=chip_options.sense_resistance_mohm,
+            sense_resistance_mohm=chip.options.sense_resistance_mohm,
         )
+        driver.disable_sleep()
+        chip.applied_mask = None  # unknown until the device confirms it
         driver.set_active_cells(0)
         chip.applied_mask = 0
         if self.options.fets == "autonomous":
             driver.set_autonomous_fets(True)
             driver.all_fets_on()
+        chip.configured = True
 
     def _check_cc2_range(
         self, driver: Bq76952, units: bq76952.UserUnits, config: BmsConfig
@@ -431,9 +506,15 @@ class Bq76952FrontEnd(FrontEnd):
         except ValueError as exc:
             raise FrontEndError(f"[frontend.ina228]: {exc}") from None
         ina.check_identity()
+        self._configure_ina228(ina)
+        return ina
+
+    def _configure_ina228(self, ina: Ina228) -> None:
+        """Calibration and the shunt limits at +-short_circuit_current_a (at start and after
+        a reset lost them)."""
+        short_a = self.config.protection.short_circuit_current_a
         ina.configure()
         ina.set_alert_limits(current_high_a=short_a, current_low_a=-short_a)
-        return ina
 
     # -- the poller ----------------------------------------------------------------------
 
@@ -442,10 +523,9 @@ class Bq76952FrontEnd(FrontEnd):
         while not self._stop.is_set():
             try:
                 self._poll()
-            except Exception:
+            except Exception as exc:
                 # A bug, not a bus fault: the values go stale, which the loop sees.
-                self.failures.total += 1
-                log.exception("BQ76952 poller failed")
+                self.failures.failed("BQ76952 poller", "a poll", exc, traceback=True)
             next_s += self.options.poll_period_s
             delay_s = next_s - self.clock()
             if delay_s < 0.0:
@@ -453,95 +533,159 @@ class Bq76952FrontEnd(FrontEnd):
             self._stop.wait(delay_s)
 
     def _attempt(self, source: str, what: str, read: Callable[[], object]) -> object | None:
-        """``read()``, or None when it fails (counted and logged for ``source``)."""
+        """``read()``, or None when it fails (counted and logged for ``source``): a transfer
+        or device error, or a chip found unfit for the pack (FrontEndError)."""
         try:
             value = read()
-        except I2cError as exc:
+        except FrontEndError as exc:
             self.failures.failed(source, what, exc)
             return None
         self.failures.ok(source)
         return value
 
+    def _done(self, source: str, what: str, action: Callable[[], None]) -> bool:
+        """``action()``; False when it fails (counted and logged as :meth:`_attempt` does)."""
+
+        def run() -> bool:
+            action()
+            return True
+
+        return self._attempt(source, what, run) is True
+
     def _poll(self) -> None:
-        stacks: list[float] = []
-        for k, chip in enumerate(self.chips):
-            driver = chip.driver
-            cells = self._attempt(chip.name, "cell voltages", driver.read_cell_voltages_v)
-            temps = None
-            if chip.temp_inputs:
-                temps = self._attempt(chip.name, "temperatures", driver.read_temperatures_c)
-            pack = self._attempt(chip.name, "stack and current", driver.read_pack)
-            safety = self._attempt(chip.name, "safety status", driver.read_safety)
-            status = None
-            if safety is not None:
-                status = self._attempt(chip.name, "battery status", driver.battery_status)
-            now_s = self.clock()
-            with self._lock:
-                if cells is None:
-                    self._cells.invalidate(chip.cells)
-                else:
-                    self._cells.put(chip.cells, cells[chip.inputs], now_s)
-                if chip.temp_inputs:
-                    if temps is None:
-                        self._temps.invalidate(chip.temps)
-                    else:
-                        self._temps.put(chip.temps, temps[chip.temp_inputs], now_s)
-                chip.pack = pack
-                status_index = self._pack_index[f"status{k}"]
-                if status is None:
-                    self._pack.invalidate(status_index)
-                    chip.faults = ()
-                else:
-                    self._pack.put(status_index, 0.0, now_s)
-                    faults = [SAFETY_FAULT_IDS[name] for name in safety.faults]
-                    if status & bq76952.BS_PF:
-                        faults.append(PERMANENT_FAIL_ID)
-                    chip.faults = tuple(dict.fromkeys(faults))
-            stacks.append(math.nan if pack is None else pack.stack_v)
+        for chip in self.chips:
+            self._poll_chip(chip)
         ina = None
+        ina_t_s = -math.inf
         if self.ina228 is not None:
-            ina = self._attempt(str(self.ina228), "current", self.ina228.read)
-        self._put_pack(stacks, ina)
+            ina = self._poll_ina228()
+            if ina is not None:
+                ina_t_s = self.clock()
+        self._put_pack(ina, ina_t_s)
         self._balance()
 
-    def _put_pack(self, stacks: list[float], ina) -> None:
-        options = self.options
-        values: dict[str, float] = {"pack_voltage_v": float(np.sum(stacks))}
-        cc2_a = math.nan
-        if options.cc2:
-            pack = self.chips[options.cc2_chip].pack
-            cc2_a = math.nan if pack is None else pack.cc2_current_a
-        ina_a = ina_bus_v = math.nan
-        ina_faults: tuple[str, ...] = ()
-        if ina is not None:
-            ina_a, ina_bus_v = ina.current_a, ina.bus_voltage_v
-            ina_faults = tuple(name for flag, name in INA228_ERROR_IDS.items() if ina.alerts & flag)
-            if ina_faults:
-                ina_a = math.nan
-        if self.ina228 is not None:
-            values["current_a"] = ina_a
-            values["redundant_current_a"] = cc2_a
-        else:
-            values["current_a"] = cc2_a
-        if options.link_voltage == "ina228_bus":
-            values["link_voltage_v"] = ina_bus_v
-        else:
-            pack = self.chips[options.link_voltage_chip].pack
-            pin_v = math.nan
-            if pack is not None:
-                pin_v = pack.pack_pin_v if options.link_voltage == "pack_pin" else pack.ld_pin_v
-            values["link_voltage_v"] = pin_v + float(np.sum(stacks[: options.link_voltage_chip]))
+    def _poll_chip(self, chip: _Chip) -> None:
+        """Status first; then the measurements, if the status says they are this poll's."""
+        driver = chip.driver
+        status = self._attempt(chip.name, "status", driver.read_status)
+        chip.answering = status is not None
+        if status is None:
+            self._drop(chip)  # unknown: the chip may be reset, asleep or in CONFIG_UPDATE
+            return
+        with self._lock:
+            faults = [SAFETY_FAULT_IDS[name] for name in status.safety.faults]
+            if status.battery & bq76952.BS_PF:
+                faults.append(PERMANENT_FAIL_ID)
+            chip.faults = tuple(dict.fromkeys(faults))
+            chip.status_t_s = self.clock()
+        lost = status.battery & (bq76952.BS_CFGUPDATE | bq76952.BS_POR)
+        if lost or not chip.configured:
+            if chip.configured:
+                what = "is in CONFIG_UPDATE mode" if lost & bq76952.BS_CFGUPDATE else "was reset"
+                log.warning(
+                    "%s %s: its values are invalid until it is configured again", chip.name, what
+                )
+            chip.configured = False
+            self._drop(chip)
+            if self._done(chip.name, "configuration", lambda: self._configure_chip(chip)):
+                chip.reconfigurations += 1
+                log.warning("%s configured again", chip.name)
+            return  # the measurements resume after this poll
+        sleep_allowed = status.battery & bq76952.BS_SLEEP_EN  # a reset we missed, a glitch
+        if sleep_allowed and self._done(chip.name, "SLEEP_DISABLE", driver.disable_sleep):
+            log.info("%s: SLEEP was allowed again; disallowed", chip.name)
+        if status.battery & bq76952.BS_SLEEP:
+            return  # the codes are those of its last measurement, seconds ago: not refreshed
+        cells = self._attempt(chip.name, "cell voltages", driver.read_cell_voltages_v)
+        temps = None
+        if chip.temp_inputs:
+            temps = self._attempt(chip.name, "temperatures", driver.read_temperatures_c)
+        pack = self._attempt(chip.name, "stack and current", driver.read_pack)
         now_s = self.clock()
         with self._lock:
-            self._ina_faults = ina_faults
-            for name, value in values.items():
+            if cells is None:
+                self._cells.invalidate(chip.cells)
+            else:
+                self._cells.put(chip.cells, cells[chip.inputs], now_s)
+            if chip.temp_inputs:
+                if temps is None:
+                    self._temps.invalidate(chip.temps)
+                else:
+                    self._temps.put(chip.temps, temps[chip.temp_inputs], now_s)
+            chip.pack = pack
+            chip.pack_t_s = now_s
+
+    def _drop(self, chip: _Chip) -> None:
+        """The chip's measurements are not to be believed: NaN at once, not refreshed."""
+        with self._lock:
+            self._cells.invalidate(chip.cells)
+            if chip.temp_inputs:
+                self._temps.invalidate(chip.temps)
+            chip.pack = None
+
+    def _poll_ina228(self):
+        """One INA228 reading; a chip that lost its calibration gives no current and is
+        configured again."""
+        ina = self.ina228
+        reading = self._attempt(str(ina), "current", ina.read)
+        if reading is None:
+            return None
+        faults = [name for flag, name in INA228_ALERT_IDS.items() if reading.alerts & flag]
+        if reading.configuration_lost:
+            faults.append(CURRENT_SENSOR_FAULT_ID)
+            if not self._ina_lost:
+                log.warning("%s lost its configuration (a reset): configuring it again", ina)
+            self._ina_lost = True
+            self._done(str(ina), "configuration", lambda: self._configure_ina228(ina))
+        elif self._ina_lost:
+            self._ina_lost = False
+            log.warning("%s configured again", ina)
+        with self._lock:
+            self._ina_faults = tuple(dict.fromkeys(faults))
+            self._ina_status_t_s = self.clock()
+        return reading
+
+    def _put_pack(self, ina, ina_t_s: float) -> None:
+        """The pack values from the chips' last readings, each stamped with the oldest of the
+        readings it comes from (a sleeping chip's value ages). Where a reading is missing the
+        value is NaN and keeps its old time (it goes stale); a reading that holds no valid
+        value (out of range, saturated) gives a NaN of its own time."""
+        options = self.options
+        chips = self.chips
+        pack_v, pack_t_s = _combined(chips, lambda p: p.stack_v)
+        values: dict[str, tuple[float, float]] = {"pack_voltage_v": (pack_v, pack_t_s)}
+        cc2 = (math.nan, -math.inf)
+        if options.cc2:
+            cc2 = _combined(
+                chips[options.cc2_chip : options.cc2_chip + 1], lambda p: p.cc2_current_a
+            )
+        ina_a = ina_bus_v = math.nan
+        if ina is not None:
+            ina_a, ina_bus_v = ina.current_a, ina.bus_voltage_v
+            if CURRENT_SENSOR_FAULT_ID in self._ina_faults:
+                ina_a = math.nan
+        if self.ina228 is not None:
+            values["current_a"] = (ina_a, ina_t_s)
+            values["redundant_current_a"] = cc2
+        else:
+            values["current_a"] = cc2
+        if options.link_voltage == "ina228_bus":
+            values["link_voltage_v"] = (ina_bus_v, ina_t_s)
+        else:
+            k = options.link_voltage_chip
+            pin = "pack_pin_v" if options.link_voltage == "pack_pin" else "ld_pin_v"
+            pin_v, pin_t_s = _combined(chips[k : k + 1], lambda p: getattr(p, pin))
+            below_v, below_t_s = _combined(chips[:k], lambda p: p.stack_v)
+            values["link_voltage_v"] = (pin_v + below_v, min(pin_t_s, below_t_s))
+        with self._lock:
+            for name, (value, t_s) in values.items():
                 index = self._pack_index.get(name)
                 if index is None:
                     continue
-                if math.isnan(value):
+                if t_s == -math.inf:
                     self._pack.invalidate(index)
                 else:
-                    self._pack.put(index, value, now_s)
+                    self._pack.put(index, value, t_s)
 
     def _chip_mask(self, chip: _Chip, wanted: np.ndarray) -> int:
         """CB_ACTIVE_CELLS for the chip's cells in ``wanted`` (pack order, bottom first)."""
@@ -565,16 +709,16 @@ class Bq76952FrontEnd(FrontEnd):
             wanted[:] = False
         self._balancing_timed_out = timed_out
         for chip in self.chips:
+            # nothing is written to a chip that did not answer this poll, or whose state is
+            # unknown: in another I2C mode than ours, a write's bytes are other commands
+            if not (chip.answering and chip.configured):
+                continue
             mask = self._chip_mask(chip, wanted)
             if mask == chip.applied_mask:
                 continue
             chip.applied_mask = None  # unknown until the device confirms it
-
-            def apply(driver: Bq76952 = chip.driver, mask: int = mask) -> bool:
-                driver.set_active_cells(mask)  # reads it back
-                return True
-
-            if self._attempt(chip.name, "balancing", apply):
+            apply = functools.partial(chip.driver.set_active_cells, mask)  # reads it back
+            if self._done(chip.name, "balancing", apply):
                 chip.applied_mask = mask
 
     # -- the loop's side -------------------------------------------------------------------
@@ -586,17 +730,24 @@ class Bq76952FrontEnd(FrontEnd):
 
     def read(self, t_s: float) -> Measurement:
         options = self.options
+        status_timeout_s = options.status_timeout_s
         with self._lock:
             cells, cells_stale = self._cells.read(t_s, options.cell_voltage_timeout_s)
             temps, temps_stale = self._temps.read(t_s, options.temperature_timeout_s)
             pack, pack_stale = self._pack.read(t_s, options.pack_timeout_s)
-            faults = [
-                fault
-                for k, chip in enumerate(self.chips)
-                if not math.isnan(pack[self._pack_index[f"status{k}"]])
-                for fault in chip.faults
-            ]
-            faults += self._ina_faults
+            faults: list[str] = []
+            for chip in self.chips:
+                if t_s - chip.status_t_s > status_timeout_s:
+                    faults.append(DEVICE_ERROR_ID)  # its faults are unknown
+                    continue
+                faults += chip.faults
+                if not chip.configured:
+                    faults.append(DEVICE_ERROR_ID)
+            if self.ina228 is not None:
+                if t_s - self._ina_status_t_s > status_timeout_s:
+                    faults.append(CURRENT_SENSOR_FAULT_ID)
+                else:
+                    faults += self._ina_faults
             errors = self.failures.total
 
         def signal(name: str) -> float:
@@ -645,3 +796,15 @@ class Bq76952FrontEnd(FrontEnd):
                     chip.driver.all_fets_off()
             except I2cError as exc:
                 log.warning("%s: could not switch off: %s", chip.name, exc)
+
+
+def _combined(chips: list[_Chip], value: Callable[[bq76952.PackReading], float]):
+    """(sum of ``value`` over the chips' last pack readings, the oldest reading's time); NaN
+    if a chip has none. No chips: (0, inf), nothing to add and never stale."""
+    total, t_s = 0.0, math.inf
+    for chip in chips:
+        if chip.pack is None:
+            return math.nan, -math.inf
+        total += value(chip.pack)
+        t_s = min(t_s, chip.pack_t_s)
+    return total, t_s

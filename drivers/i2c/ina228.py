@@ -17,6 +17,12 @@ reports the out-of-range diagnostics whose limits are SOVL/SUVL (0x0C/0x0D: shun
 7.8125 m degC), and the overflow and memory-checksum flags. MANUFACTURER_ID (0x3E) reads
 0x5449 ("TI"), DEVICE_ID (0x3F) 0x228 in bits 15..4 and the revision in bits 3..0.
 
+**A reset loses the calibration.** After a power-on reset (a brown-out on its supply) every
+register is back at its reset value (SHUNT_CAL 0x1000, CONFIG 0x0000), and CURRENT is scaled by
+the wrong SHUNT_CAL with nothing in DIAG_ALRT to say so. So every reading also reads back each
+register the driver wrote; a mismatch makes that reading's current NaN and says so
+(``configuration_lost``), for the caller to configure again.
+
 **Transfers.** The 16-bit registers are SMBus words (``read_word_data`` /
 ``write_word_data``): SMBus puts the low byte first on the wire and the INA228 sends its most
 significant byte first, so every word is byte-swapped here. The 24- and 40-bit registers are
@@ -117,6 +123,9 @@ class Ina228Reading:
     die_temp_c: float
     charge_c: float
     alerts: Ina228Alerts
+    configuration_lost: bool = False
+    """A register the driver wrote reads otherwise (the chip was reset): the current and the
+    charge are NaN, the rest (unscaled by SHUNT_CAL) is as read."""
 
 
 def swap16(value: int) -> int:
@@ -175,6 +184,8 @@ class Ina228:
         # The chip divides by the integer SHUNT_CAL, so its LSB is the one that integer
         # gives, not the nominal one (the difference is SHUNT_CAL's rounding).
         self.current_lsb_a = self.shunt_cal / (SHUNT_CAL_FACTOR * shunt_resistance_ohm * scale)
+        self.written: dict[int, int] = {}
+        """Each register written (and read back) with its value: what every reading checks."""
 
     def __str__(self) -> str:
         return f"INA228 at {self.device}"
@@ -183,14 +194,22 @@ class Ina228:
         return swap16(self.device.read_word(register))
 
     def _write_word(self, register: int, value: int, verify: bool = True) -> None:
+        """Write a register; with ``verify``, read it back and keep it for the readings'
+        check (RSTACC, which clears itself, is written without)."""
         self.device.write_word(register, swap16(value))
         if verify:
+            self.written.pop(register, None)
             got = self._read_word(register)
             if got != value:
                 raise self.device.error(
                     I2cProtocolError,
                     f"register 0x{register:02x} reads back 0x{got:04x} after writing 0x{value:04x}",
                 )
+            self.written[register] = value
+
+    def configuration_holds(self) -> bool:
+        """Every register written still reads what was written (false after a reset)."""
+        return all(self._read_word(register) == value for register, value in self.written.items())
 
     def _read_wide(self, register: int, n_bytes: int) -> int:
         return int.from_bytes(self.device.read_block(register, n_bytes), "big")
@@ -232,8 +251,10 @@ class Ina228:
         self._write_word(CONFIG, config | CONFIG_RSTACC, verify=False)
 
     def read(self) -> Ina228Reading:
-        """Shunt and bus voltage, die temperature, current, charge and the diagnostics: six
-        transfers (every register is its own)."""
+        """Shunt and bus voltage, die temperature, current, charge and the diagnostics, then
+        the written registers read back: six transfers plus one per register written (every
+        register is its own). The read-back comes after the conversions, so a reset before
+        or during them is caught."""
         sign = -1.0 if self.invert_current else 1.0
         vshunt = _signed(self._read_wide(VSHUNT, 3) >> 4, 20)
         vbus = _signed(self._read_wide(VBUS, 3) >> 4, 20)
@@ -244,16 +265,21 @@ class Ina228:
         alerts = Ina228Alerts(diag & _DIAG_FLAGS)
         if not diag & _MEMSTAT:
             alerts |= Ina228Alerts.MEMORY_ERROR
+        lost = not self.configuration_holds()
         current_a = sign * current * self.current_lsb_a
-        if alerts & Ina228Alerts.MATH_OVERFLOW:
+        charge_c = sign * charge * self.current_lsb_a
+        if alerts & Ina228Alerts.MATH_OVERFLOW or lost:
             current_a = math.nan
+        if lost:
+            charge_c = math.nan
         return Ina228Reading(
             current_a=current_a,
             bus_voltage_v=vbus * VBUS_LSB_V if vbus >= 0 else math.nan,
             shunt_voltage_v=vshunt * VSHUNT_LSB_V[self.adc_range],
             die_temp_c=dietemp * TEMP_LSB_C,
-            charge_c=sign * charge * self.current_lsb_a,
+            charge_c=charge_c,
             alerts=alerts,
+            configuration_lost=lost,
         )
 
     def set_alert_limits(

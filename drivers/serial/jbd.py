@@ -19,7 +19,10 @@ The protocol, as JBD's "smart BMS protocol V4" and the public register maps desc
 The front-end polls both registers on a thread of its own (serial I/O never blocks
 :meth:`JbdFrontEnd.read`), keeps the newest valid values with the time they arrived, and marks
 values older than ``timeout_s`` NaN with their group stale. A frame with a wrong checksum, end
-byte, length, status or cell count never refreshes a value. The reader resyncs after garbage
+byte, length, status or cell count never refreshes a value; a value no cell or NTC can have
+(a failed channel's 0xFFFF, a shorted NTC's 0) or a saturated current is NaN. The poller never
+dies: a port that fails in any way (a pulled adapter's hung-up tty fails in termios, not as
+an OSError) is counted, logged, closed and re-opened with back-off. The reader resyncs after garbage
 on the line: it takes the first complete, valid frame wherever it starts, and drops what came
 before. The BMS's own protection bits and switched-off FETs are reported as diagnosis fault
 ids in ``Measurement.frontend_faults``. It has no DC-link voltage (NaN) and balances by
@@ -58,6 +61,18 @@ BASIC_INFO_FIXED = struct.Struct(">HhHHHHHHHBBBBB")
 """Register 0x03 up to the NTC count; the NTCs (u16 each) follow."""
 MAX_BUFFER_BYTES = 1024
 """Bytes the reader keeps while it waits for a frame to complete; older ones are garbage."""
+CELL_VOLTAGE_MAX_V = 5.0
+"""No lithium cell a JBD manages (LFP, NMC, LTO) rests above 4.5 V; an overcharged one still
+reads below this, so it trips over-voltage. Above it the code is a failed channel (0xFFFF is
+65.535 V), NaN."""
+TEMPERATURE_RANGE_C = (-50.0, 150.0)
+"""What a cell's NTC can read; outside it the NTC is open, shorted or missing (code 0 is
+-273.1 degC), NaN."""
+CURRENT_FULL_SCALE = (-32768, 32767)
+"""The s16 current codes at which the reading saturates (+-327.68 A): the true current may be
+anywhere beyond, so such a reading is NaN."""
+ERROR_LOG_INTERVAL_S = 10.0
+"""An unexpected poller failure is logged at once (with its traceback), then at most this often."""
 
 PROTECTION_FAULTS = (
     "frontend_cell_overvoltage",
@@ -174,7 +189,8 @@ def _valid(frame: bytes) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class BasicInfo:
-    """Register 0x03 in units: current positive while charging, SOC as a fraction."""
+    """Register 0x03 in units: current positive while charging, SOC as a fraction; NaN for a
+    reading no pack can give (see the module's ranges)."""
 
     pack_voltage_v: float
     current_a: float
@@ -218,9 +234,11 @@ def decode_basic_info(data: bytes) -> BasicInfo:
     if len(data) < end:
         raise JbdProtocolError(f"basic information of {len(data)} bytes for {n_ntc} NTCs")
     ntc = struct.unpack_from(f">{n_ntc}H", data, BASIC_INFO_FIXED.size)
+    pack_voltage_v = voltage_10mv * 0.01
+    temps_c = ((raw - KELVIN_OFFSET_DK) / 10.0 for raw in ntc)
     return BasicInfo(
-        pack_voltage_v=voltage_10mv * 0.01,
-        current_a=current_10ma * 0.01,
+        pack_voltage_v=_within(pack_voltage_v, 0.0, n_cells * CELL_VOLTAGE_MAX_V),
+        current_a=math.nan if current_10ma in CURRENT_FULL_SCALE else current_10ma * 0.01,
         remaining_capacity_ah=remaining_10mah * 0.01,
         nominal_capacity_ah=nominal_10mah * 0.01,
         cycles=cycles,
@@ -231,15 +249,20 @@ def decode_basic_info(data: bytes) -> BasicInfo:
         charge_fet_on=bool(fets & 0x01),
         discharge_fet_on=bool(fets & 0x02),
         n_cells=n_cells,
-        temps_c=tuple((raw - KELVIN_OFFSET_DK) / 10.0 for raw in ntc),
+        temps_c=tuple(_within(t_c, *TEMPERATURE_RANGE_C) for t_c in temps_c),
     )
 
 
 def decode_cell_voltages(data: bytes) -> np.ndarray:
-    """Register 0x04's data as volts, one per cell."""
+    """Register 0x04's data as volts, one per cell; NaN above what a cell can read."""
     if not data or len(data) % 2:
         raise JbdProtocolError(f"cell voltages of {len(data)} bytes (two per cell)")
-    return np.array(struct.unpack(f">{len(data) // 2}H", data), dtype=float) / 1000.0
+    volts = np.array(struct.unpack(f">{len(data) // 2}H", data), dtype=float) / 1000.0
+    return np.where(volts <= CELL_VOLTAGE_MAX_V, volts, np.nan)
+
+
+def _within(value: float, low: float, high: float) -> float:
+    return value if low <= value <= high else math.nan
 
 
 def faults_of(info: BasicInfo) -> tuple[str, ...]:
@@ -291,6 +314,9 @@ class JbdStats:
     protocol_errors: int = 0
     """A valid frame with unusable contents (error status, too short, wrong cell count)."""
     port_errors: int = 0
+    """The port failed (closed and re-opened)."""
+    poller_errors: int = 0
+    """Anything else the poller met (a bug): logged, the port closed and re-opened."""
 
     @property
     def frame_errors(self) -> int:
@@ -315,6 +341,7 @@ class JbdFrontEnd(FrontEnd):
         self._basic: BasicInfo | None = None
         self._basic_t_s = -math.inf
         self._mismatch_t_s = -math.inf
+        self._error_logged_s = -math.inf
         self._stop = threading.Event()
         self._port = self._open()  # an absent device is an error here, not a silent NaN
         self._thread = threading.Thread(target=self._run, name="jbd-poller", daemon=True)
@@ -322,6 +349,8 @@ class JbdFrontEnd(FrontEnd):
 
     # ---------------------------------------------------------------- the poller thread
     def _open(self):
+        import termios
+
         import serial  # hardware library: imported only when this front-end is used
 
         try:
@@ -332,36 +361,57 @@ class JbdFrontEnd(FrontEnd):
                 write_timeout=self.options.response_timeout_s,
                 exclusive=True,
             )
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
             raise JbdError(f"cannot open JBD serial port {self.options.port!r}: {exc}") from None
 
     def _run(self) -> None:
+        """Poll until closed; whatever fails, the thread goes on: a port that fails is closed
+        and re-opened with back-off."""
+        import termios
+
         import serial
 
+        port_failures = (serial.SerialException, OSError, termios.error)
         next_s = time.monotonic()
         reopen_delay_s = 0.0
         while not self._stop.is_set():
-            if self._port is None:
-                if self._stop.wait(reopen_delay_s):
-                    return
-                reopen_delay_s = min(max(2 * reopen_delay_s, 0.5), self.options.reopen_max_s)
-                try:
-                    self._port = self._open()
-                except JbdError as exc:
-                    log.debug("%s", exc)
-                    continue
-                log.warning("JBD serial port %s re-opened", self.options.port)
-                reopen_delay_s = 0.0
             try:
+                if self._port is None:
+                    if self._stop.wait(reopen_delay_s):
+                        return
+                    reopen_delay_s = min(max(2 * reopen_delay_s, 0.5), self.options.reopen_max_s)
+                    try:
+                        self._port = self._open()
+                    except JbdError as exc:
+                        log.debug("%s", exc)
+                        continue
+                    log.warning("JBD serial port %s re-opened", self.options.port)
+                    reopen_delay_s = 0.0
                 for register in (BASIC_INFO, CELL_VOLTAGES):
                     self._poll(register)
-            except (serial.SerialException, OSError) as exc:
+            except port_failures as exc:  # a pulled adapter: EIO from tcflush, read or write
                 self.stats.port_errors += 1
                 log.error("JBD serial port %s failed: %s; re-opening", self.options.port, exc)
+                self._close_port()
+            except Exception as exc:
+                self.stats.poller_errors += 1
+                self._log_unexpected(exc)
                 self._close_port()
             now_s = time.monotonic()
             next_s = max(next_s + self.options.poll_period_s, now_s)  # late: no catching up
             self._stop.wait(next_s - now_s)
+
+    def _log_unexpected(self, exc: Exception) -> None:
+        """From the ``except`` block: the traceback at once, then a count now and then."""
+        now_s = time.monotonic()
+        count = self.stats.poller_errors
+        if count == 1:
+            log.exception("JBD poller failed; closing and re-opening %s", self.options.port)
+        elif now_s - self._error_logged_s >= ERROR_LOG_INTERVAL_S:
+            log.error("JBD poller failed %d times so far; latest: %r", count, exc)
+        else:
+            return
+        self._error_logged_s = now_s
 
     def _poll(self, register: int) -> None:
         fed = self.reader.bytes_fed
@@ -423,7 +473,7 @@ class JbdFrontEnd(FrontEnd):
         if port is not None:
             try:
                 port.close()
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # a dying adapter may fail in any way; it is gone anyway
                 log.debug("closing the JBD port failed: %s", exc)
 
     # ---------------------------------------------------------------- FrontEnd

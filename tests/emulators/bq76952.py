@@ -20,7 +20,16 @@ What it models:
 - FET control: FET_ENABLE toggles Manufacturing Status FET_EN; with it set, the FETs are on
   unless ALL_FETS_OFF holds them off or a safety fault is present;
 - host balancing: CB_ACTIVE_CELLS read/write; inputs that Vcell Mode marks as having no cell
-  are dropped (so it reads back without them).
+  are dropped (so it reads back without them);
+- when it measures: every read sees the present truth, except in CONFIG_UPDATE mode (no
+  measurements: the codes stay those of the last one) and in SLEEP mode, which it is in while
+  SLEEP is allowed (Battery Status SLEEP_EN: Power Config SLEEP at a reset, then SLEEP_ENABLE
+  and SLEEP_DISABLE) and the current is below Power:Sleep:Sleep Current (20 mA); it then
+  measures once every Power:Sleep:Voltage Time (5 s) on :attr:`clock`. (The real chip also
+  waits Sleep Hysteresis Time after waking before it sleeps again; not modelled.)
+- a full reset (:meth:`reset`, a brown-out): RAM settings back to their defaults, POR set,
+  SLEEP allowed, CRC mode, FET control and balancing off. POR clears on EXIT_CFGUPDATE. A new
+  emulator has just been powered up: POR is set.
 
 Faults beyond the generic ones of :class:`~tests.emulators.smbus.EmulatedDevice`: flip bits
 in the next reads (``flip_next_read``), freeze the measurements (``stuck``), force raw codes
@@ -30,7 +39,9 @@ in the next reads (``flip_next_read``), freeze the measurements (``stuck``), for
 from __future__ import annotations
 
 import errno
+import math
 import struct
+import time
 
 import numpy as np
 
@@ -43,6 +54,13 @@ DM_VCELL_MODE = 0x9304
 DM_COMM_TYPE = 0x9239
 DM_CC_GAIN = 0x91A8
 DM_CAPACITY_GAIN = 0x91AC
+DM_POWER_CONFIG = 0x9234
+POWER_CONFIG_DEFAULT = 0x2982  # TRM: SLEEP (bit 8) set
+POWER_CONFIG_SLEEP = 1 << 8
+SLEEP_CURRENT_A = 0.020  # Power:Sleep:Sleep Current, default 20 mA
+SLEEP_VOLTAGE_TIME_S = 5.0  # Power:Sleep:Voltage Time, default 5 s
+MEASURED = (*range(0x14, 0x3C), *range(0x68, 0x7C))
+"""The direct commands that carry measurements (cells, stack, pins, CC2, temperatures)."""
 TEMPERATURE_NAMES = (
     "internal", "cfetoff", "dfetoff", "alert", "ts1", "ts2", "ts3", "hdq", "dchg", "ddsg",
 )  # fmt: skip
@@ -86,8 +104,15 @@ class Bq76952Emulator(EmulatedDevice):
         self._dm_set(DM_DA_CONFIGURATION, bytes((0x05,)))
         self._dm_set(DM_CC_GAIN, struct.pack("<f", 7.4768))
         self._dm_set(DM_CAPACITY_GAIN, struct.pack("<f", 7.4768 * 298261.6178))
+        self._dm_set(DM_POWER_CONFIG, POWER_CONFIG_DEFAULT.to_bytes(2, "little"))
+        self._dm_defaults = bytes(self.dm)
+        self.clock = time.monotonic
+        self._measured: dict[int, int] = {}
+        self._measured_s = -math.inf
         self.crc_mode = False
         self.cfgupdate = False
+        self.por = True
+        self.sleep_allowed = True
         self.fet_en = False
         self.fets_held_off = False
         self.cb_active = 0
@@ -162,17 +187,52 @@ class Bq76952Emulator(EmulatedDevice):
         """Freeze every measurement at its present code (a stuck ADC)."""
         with self.lock:
             image = self._image()
-            self._frozen = {a: image[a] for a in (*range(0x14, 0x3C), *range(0x68, 0x7C))}
+            self._frozen = {a: image[a] for a in MEASURED}
+
+    def reset(self) -> None:
+        """A full reset (a brown-out, the watchdog): every RAM setting back to its default."""
+        with self.lock:
+            self.dm[:] = self._dm_defaults
+            self.por = True
+            self.cfgupdate = False
+            self.sleep_allowed = bool(
+                int.from_bytes(self.dm_get(DM_POWER_CONFIG, 2), "little") & POWER_CONFIG_SLEEP
+            )
+            self.crc_mode = False
+            self.fet_en = self.fets_held_off = False
+            self.cb_active = 0
+
+    @property
+    def sleeping(self) -> bool:
+        """In SLEEP mode (Battery Status SLEEP)."""
+        return self.sleep_allowed and not self.cfgupdate and abs(self.current_a) < SLEEP_CURRENT_A
 
     # the direct-command image -------------------------------------------------------------
 
     def _battery_status(self) -> int:
         status = int(self.cfgupdate) | (self.security << 8)
+        if self.sleep_allowed:
+            status |= 1 << 2
+        if self.por:
+            status |= 1 << 3
         if any(self.safety_status):
             status |= 1 << 11
         if self.permanent_fail:
             status |= 1 << 12
+        if self.sleeping:
+            status |= 1 << 15
         return status
+
+    def _measurements(self) -> dict[int, int]:
+        """The measured codes: measured now, unless the chip does not measure at this moment
+        (CONFIG_UPDATE; SLEEP between two of its measurements)."""
+        now_s = self.clock()
+        due = not self.sleeping or now_s - self._measured_s >= SLEEP_VOLTAGE_TIME_S
+        if not self.cfgupdate and due:
+            image = self._measure()
+            self._measured = {a: image[a] for a in MEASURED}
+            self._measured_s = now_s
+        return self._measured
 
     def _image(self) -> bytearray:
         image = bytearray(128)
@@ -180,6 +240,23 @@ class Bq76952Emulator(EmulatedDevice):
             image[0x02 + 2 * i] = self.safety_alert[i]
             image[0x03 + 2 * i] = self.safety_status[i]
         image[0x12:0x14] = self._battery_status().to_bytes(2, "little")
+        for address, value in self._measurements().items():
+            image[address] = value
+        image[0x3E:0x40] = b"\xff\xff" if self._busy else self._sub
+        image[0x40:0x60] = self.buffer
+        image[0x60] = self._checksum
+        image[0x61] = self._length
+        image[0x7F] = self.fet_status
+        if self.stuck:
+            for address, value in self._frozen.items():
+                image[address] = value
+        for address, value in self._forced.items():
+            image[address] = value
+        return image
+
+    def _measure(self) -> bytearray:
+        """The measurement codes of the present truth (the rest of the image left zero)."""
+        image = bytearray(128)
         for i, volts in enumerate(self.cell_voltage_v):
             image[0x14 + 2 * i : 0x16 + 2 * i] = _i16(volts * 1000.0)
         stack_v = float(np.sum(self.cell_voltage_v))
@@ -192,18 +269,8 @@ class Bq76952Emulator(EmulatedDevice):
         for command, volts in pins.items():
             image[command : command + 2] = _i16(volts / self.user_volts_v)
         image[0x3A:0x3C] = _i16(self.current_a / self.user_amps_a)
-        image[0x3E:0x40] = b"\xff\xff" if self._busy else self._sub
-        image[0x40:0x60] = self.buffer
-        image[0x60] = self._checksum
-        image[0x61] = self._length
         for i, name in enumerate(TEMPERATURE_NAMES):
             image[0x68 + 2 * i : 0x6A + 2 * i] = _i16((self.temp_c[name] + 273.15) * 10.0)
-        image[0x7F] = self.fet_status
-        if self.stuck:
-            for address, value in self._frozen.items():
-                image[address] = value
-        for address, value in self._forced.items():
-            image[address] = value
         return image
 
     # the wire -----------------------------------------------------------------------------
@@ -296,7 +363,13 @@ class Bq76952Emulator(EmulatedDevice):
         elif command == 0x0092:
             if self.cfgupdate and self.comm_type_on_exit:
                 self._apply_comm_type()
+            if self.cfgupdate:
+                self.por = False
             self.cfgupdate = False
+        elif command == 0x0099:
+            self.sleep_allowed = True
+        elif command == 0x009A:
+            self.sleep_allowed = False
         elif command == 0x29BC:
             self._apply_comm_type()
 

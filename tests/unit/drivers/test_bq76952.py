@@ -361,6 +361,7 @@ def test_a_stuck_adc_repeats_its_codes_and_the_driver_passes_them_on():
     # The driver cannot tell a frozen reading from a steady one; the loop's stuck-cell check
     # (cell_voltage_stuck) does, so the driver must not hide it by caching or smoothing.
     driver, emulator = make()
+    driver.disable_sleep()  # asleep, the chip would measure only every 5 s (see below)
     emulator.cell_voltage_v[:] = 3.7
     emulator.freeze()
     emulator.stuck = True
@@ -368,3 +369,119 @@ def test_a_stuck_adc_repeats_its_codes_and_the_driver_passes_them_on():
     assert driver.read_cell_voltages_v() == pytest.approx(np.full(16, 3.7))
     emulator.stuck = False
     assert driver.read_cell_voltages_v() == pytest.approx(np.full(16, 3.9))
+
+
+# -- chip states: CONFIG_UPDATE, reset, SLEEP (TRM: Battery Status, operational modes) -----------
+
+BS_CFGUPDATE, BS_SLEEP_EN, BS_POR, BS_SS, BS_PF, BS_SLEEP = (
+    1,
+    1 << 2,
+    1 << 3,
+    1 << 11,
+    1 << 12,
+    1 << 15,
+)
+
+
+def test_the_status_is_one_block_read_from_safety_alert_a_to_battery_status():
+    driver, emulator = make()
+    emulator.safety_alert = [1 << 3, 0, 0]  # COV alert
+    emulator.safety_status = [1 << 7, 0, 0]  # SCD
+    emulator.permanent_fail = True
+    emulator.log.clear()
+    status = driver.read_status()
+    assert [(t.kind, t.register, t.n_bytes) for t in emulator.log] == [("r", 0x02, 18)]
+    assert status.safety.faults == ("SCD",) and status.safety.alerts == ("COV",)
+    assert status.battery & BS_SS and status.battery & BS_PF
+
+
+def test_a_powered_up_chip_reports_a_reset_until_the_host_configured_it():
+    emulator = Bq76952Emulator()
+    emulator._dm_set(DM_VCELL_MODE, (0xFFFF).to_bytes(2, "little"))  # already as wanted
+    driver, _ = make(emulator)
+    assert driver.battery_status() & BS_POR  # set by the power-up: settings are defaults
+    assert driver.configure(range(1, 17)) == []  # nothing to write ...
+    assert emulator.config_updates == 1  # ... but CONFIG_UPDATE entered and left: POR clear
+    assert not driver.battery_status() & BS_POR
+    assert driver.configure(range(1, 17)) == [] and emulator.config_updates == 1
+
+
+def test_a_reset_brings_the_defaults_back_and_configure_restores_the_settings():
+    driver, emulator = make()
+    driver.configure(range(1, 9), sense_resistance_mohm=0.5)
+    emulator.reset()  # a brown-out
+    assert driver.battery_status() & BS_POR
+    assert emulator.vcell_mode == 0  # TRM default
+    (cc_gain,) = struct.unpack("<f", emulator.dm_get(DM_CC_GAIN, 4))
+    assert cc_gain != pytest.approx(7.5684 / 0.5, rel=1e-3)
+    assert set(driver.configure(range(1, 9), sense_resistance_mohm=0.5)) >= {
+        "Vcell Mode",
+        "CC Gain",
+    }
+    assert emulator.vcell_mode == 0x00FF and not driver.battery_status() & BS_POR
+
+
+def test_a_por_that_does_not_clear_is_an_error():
+    class StubbornChip(Bq76952Emulator):
+        def _start(self, command):
+            super()._start(command)
+            self.por = True  # never cleared
+
+    driver, _ = make(StubbornChip())
+    with pytest.raises(I2cProtocolError, match="POR is still set"):
+        driver.configure(range(1, 17))
+
+
+def test_in_config_update_the_chip_does_not_measure_until_it_leaves():
+    driver, emulator = make()
+    driver.disable_sleep()
+    emulator.cell_voltage_v[:] = 3.7
+    assert driver.read_cell_voltages_v()[0] == pytest.approx(3.7)
+    emulator.cfgupdate = True  # a host killed between SET_CFGUPDATE and EXIT_CFGUPDATE
+    emulator.cell_voltage_v[0] = 4.3
+    assert driver.battery_status() & BS_CFGUPDATE
+    assert driver.read_cell_voltages_v()[0] == pytest.approx(3.7)  # the last measurement
+    driver.exit_config_update()
+    assert not driver.battery_status() & BS_CFGUPDATE
+    assert driver.read_cell_voltages_v()[0] == pytest.approx(4.3)
+
+
+def test_a_sleeping_chip_measures_every_voltage_time_until_sleep_is_disallowed():
+    driver, emulator = make()
+    now = [100.0]
+    emulator.clock = lambda: now[0]
+    emulator.current_a = 0.005  # below Sleep Current (20 mA): SLEEP, allowed by default
+    status = driver.battery_status()
+    assert status & BS_SLEEP_EN and status & BS_SLEEP
+    first = driver.read_cell_voltages_v()[0]
+    emulator.cell_voltage_v[0] = 3.9
+    now[0] += 4.9
+    assert driver.read_cell_voltages_v()[0] == first  # no measurement within 5 s
+    now[0] += 0.2
+    assert driver.read_cell_voltages_v()[0] == pytest.approx(3.9)  # Voltage Time passed
+    emulator.cell_voltage_v[0] = 3.4
+    emulator.current_a = 1.0  # a load: the chip wakes and measures at its full rate
+    assert not driver.battery_status() & BS_SLEEP
+    assert driver.read_cell_voltages_v()[0] == pytest.approx(3.4)
+    emulator.current_a = 0.0
+    driver.disable_sleep()
+    status = driver.battery_status()
+    assert not status & BS_SLEEP_EN and not status & BS_SLEEP
+    emulator.cell_voltage_v[0] = 3.5
+    assert driver.read_cell_voltages_v()[0] == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("current_a", [40.0, -40.0, 32.767, -32.768])
+def test_a_saturated_cc2_reading_is_nan(current_a):
+    # 1 mA userA: the signed 16-bit CC2 code ends at 32.767 A and -32.768 A; the true current
+    # of a code at either end is anywhere beyond it
+    driver, emulator = make()
+    emulator.current_a = current_a
+    assert math.isnan(driver.read_pack().cc2_current_a)
+
+
+def test_the_largest_unsaturated_cc2_codes_are_readings():
+    driver, emulator = make()
+    for current_a in (32.766, -32.767):
+        emulator.current_a = current_a
+        assert driver.read_pack().cc2_current_a == pytest.approx(current_a, abs=1e-9)

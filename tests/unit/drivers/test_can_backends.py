@@ -205,17 +205,17 @@ def test_contactor_driver_commands_and_reads_feedback(config, peer, bus, codec):
         values = codec.decode(codec.message("BMS_ContactorCommand"), frame.data)
         assert (values["Negative"], values["Precharge"], values["Positive"]) == (1, 1, 0)
         assert not driver.feedback(5.0).valid  # nothing heard yet
-        peer.send(
-            "PDU_ContactorFeedback",
-            {"Negative": 1, "Precharge": 0, "Positive": 1, "InterlockClosed": 0},
-        )
-        feedback = driver.feedback(5.0)
+        closed = {"Negative": 1, "Precharge": 0, "Positive": 1, "InterlockClosed": 0}
+        peer.send("PDU_ContactorFeedback", closed)
+        feedback = driver.feedback(5.1)  # the next cycle (the link polls once per cycle time)
         assert feedback.valid and feedback.relays == RelayStates(True, False, True)
         assert feedback.interlock_closed is False
         timeout_s = config.contactors.options.frame_timeout_s
-        assert not driver.feedback(5.0 + timeout_s + 0.01).valid
+        assert not driver.feedback(5.1 + timeout_s + 0.01).valid
+        peer.send("PDU_ContactorFeedback", closed)
+        assert driver.feedback(6.0).valid
         peer.send_raw("PDU_ContactorFeedback", b"")
-        assert not driver.feedback(5.1).valid  # a malformed frame proves nothing
+        assert not driver.feedback(6.1).valid  # a malformed frame proves nothing
     finally:
         driver.close()
 

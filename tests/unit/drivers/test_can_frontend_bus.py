@@ -5,6 +5,8 @@ ever blocking the loop, and a 5,000-frame burst absorbed without loss (python-ca
 from __future__ import annotations
 
 import errno
+import logging
+import socket
 import threading
 import time
 
@@ -17,8 +19,9 @@ from bms.backends import FrontEndError
 from bms.comms.dbc import DbcCodec
 from bms.config import load_config
 from bms.types import RelayStates
+from drivers.can import frontend as frontend_module
 from drivers.can import link as link_module
-from drivers.can.contactors import CanContactors
+from drivers.can.contactors import CanContactors, relay_signals
 from drivers.can.frontend import CanFrontEnd
 from tests.unit.drivers.test_can_backends import PACK, Peer, cell_group, send_all, temp_group
 
@@ -158,12 +161,18 @@ class FaultyBus(VirtualBus):
         self.recv_errno: int | None = None
         self.send_errno: int | None = None
         self.reported = can.BusState.ACTIVE
+        self.adapter_clock_s: float | None = None
+        """Stamp received frames with this clock (seconds since the adapter started, as gs_usb
+        and Kvaser hardware timestamps are), not the wall clock."""
         OPENED.append(self)
 
     def recv(self, timeout=None):
         if self.recv_errno is not None:
             raise can.CanOperationError("Failed to receive", self.recv_errno)
-        return super().recv(timeout)
+        frame = super().recv(timeout)
+        if frame is not None and self.adapter_clock_s is not None:
+            frame.timestamp = self.adapter_clock_s
+        return frame
 
     def send(self, msg, timeout=None):
         if self.send_errno is not None:
@@ -190,7 +199,7 @@ def faulty(monkeypatch, config):
             gate.wait()
             if failing["count"] > 0:
                 failing["count"] -= 1
-                raise FrontEndError("adapter not there yet")
+                raise failing.get("error", FrontEndError("adapter not there yet"))
         return FaultyBus(channel=can_config.channel)
 
     monkeypatch.setattr(link_module, "open_bus", fake_open)
@@ -322,3 +331,230 @@ def _burst(frontend, peer):
     assert m.cell_voltage_v == pytest.approx([3.0 + 0.001 * (last % 1000)] * 5)
     assert m.cell_temp_c.tolist() == [last % 100] * 7
     assert m.current_a == pytest.approx(float(last % 1000))
+
+
+# ------------------------------------------------------------------ bus-off needs evidence
+
+
+def test_a_reopen_alone_does_not_end_a_bus_off(frontend, bus):
+    """SocketCAN: closing and re-opening a raw socket does not restart a bus-off controller
+    (only restart-ms or `ip link set ... type can restart` do), so a re-open proves nothing."""
+    t0 = time.monotonic()
+    bus.send(error_frame(CAN_ERR_BUSOFF))
+    assert frontend.read(t0).frontend_faults == ("can_bus_off",)
+    reopen_s = frontend.link.health.policy.bus_off_reopen_s
+    frontend.read(t0 + reopen_s + 0.1)  # still bus-off: shut down, re-opened on a thread
+    deadline_s = time.monotonic() + 10.0
+    t_s = t0 + reopen_s + 0.1
+    while frontend.link.reopens < 1:
+        assert time.monotonic() < deadline_s, "the bus was not re-opened"
+        t_s += 0.01
+        frontend.read(t_s)
+        time.sleep(0.01)
+    # nothing on the bus since: no CAN_ERR_RESTARTED, no data frame
+    for k in range(1, 5):
+        assert frontend.read(t_s + k * RECOVERY_S).frontend_faults == ("can_bus_off",)
+    bus.send(error_frame(CAN_ERR_RESTARTED))  # restart-ms restarted the controller
+    deadline_s = time.monotonic() + 10.0
+    t_s += 5 * RECOVERY_S
+    while frontend.link.bus is None:  # a re-open may be under way: wait for its bus
+        assert time.monotonic() < deadline_s
+        t_s += 0.01
+        frontend.read(t_s)
+        time.sleep(0.01)
+    bus.send(error_frame(CAN_ERR_RESTARTED))
+    frontend.read(t_s + 0.01)
+    assert frontend.read(t_s + 0.02 + RECOVERY_S).frontend_faults == ()
+
+
+def test_a_bus_off_the_interface_reports_ends_when_it_reports_otherwise(faulty):
+    frontend, *_ = faulty
+    bus = OPENED[0]
+    t0 = time.monotonic()
+    bus.reported = can.BusState.ERROR
+    assert frontend.read(t0).frontend_faults == ("can_bus_off",)
+    bus.reported = can.BusState.ACTIVE  # the controller's own state: back on the bus
+    frontend.read(t0 + 0.1)
+    assert frontend.read(t0 + 0.15 + RECOVERY_S).frontend_faults == ()
+
+
+# ------------------------------------------------------------------ one poll per cycle
+
+
+def test_the_link_is_drained_once_per_cycle_time(config, peer):
+    """The loop polls through the front-end's read() and the contactors' feedback() with the
+    same cycle time: the second call must not spend another drain budget."""
+    frontend = CanFrontEnd(config, config.frontend.options)
+    contactors = CanContactors(config, config.contactors.options)
+    try:
+        send_all(peer)
+        frontend.read(10.0)
+        received = frontend.link.frames_received
+        assert received == 6
+        send_all(peer)
+        contactors.feedback(10.0)  # the same cycle
+        assert frontend.link.frames_received == received
+        contactors.feedback(10.1)  # the next cycle
+        assert frontend.link.frames_received == 2 * received
+    finally:
+        contactors.close()
+        frontend.close()
+
+
+def test_a_flooded_queue_is_drained_in_slices_of_a_short_period(make_config):
+    """With a 10 ms loop a poll may take only a tenth of it; a queue of frames that takes far
+    longer to decode is read over many polls, none lost."""
+    slow = {"cell_voltage_timeout_s": 30.0, "temperature_timeout_s": 30.0, "pack_timeout_s": 30.0}
+    config = load_config(
+        make_config(
+            {
+                "pack": {"n_cells": 5, "n_temp_sensors": 7},
+                "loop": {"period_s": 0.01},
+                "frontend": slow,
+            }
+        )
+    )
+    bus = can.Bus(interface="virtual", channel=config.can.channel)
+    peer = Peer(bus, DbcCodec(config.can.dbc_file))
+    frontend = CanFrontEnd(config, config.frontend.options)
+    try:
+        assert frontend.link.poll_budget_s <= 0.1 * config.loop.period_s
+        n_frames = 5000  # tens of microseconds each to decode: far more than a millisecond
+        for k in range(n_frames):
+            peer.send("CMU_CellVoltages", cell_group(k % 2, [3.6, 3.6, 3.6]))
+        frontend.read(time.monotonic())
+        assert 0 < frontend.link.frames_received < n_frames
+        for _ in range(100_000):
+            if frontend.link.frames_received == n_frames:
+                break
+            frontend.read(time.monotonic())
+        assert frontend.link.frames_received == n_frames and frontend.stats.dropped == 0
+    finally:
+        frontend.close()
+        bus.shutdown()
+
+
+# ------------------------------------------------------------------ a failing handler
+
+
+def test_a_raising_handler_is_counted_and_the_poll_goes_on(config, peer, caplog, monkeypatch):
+    """A front-end frame whose handling fails must neither escape into the contactors'
+    feedback() (the backend that happened to poll) nor stop the rest of the queue."""
+    frontend = CanFrontEnd(config, config.frontend.options)
+    contactors = CanContactors(config, config.contactors.options)
+
+    def broken(binding, decoded, t_s):
+        raise KeyError(binding.signal)
+
+    try:
+        monkeypatch.setattr(frontend_module, "_apply", broken)
+        send_all(peer)
+        peer.send(
+            "PDU_ContactorFeedback", {**relay_signals(RelayStates(), 0), "InterlockClosed": 1}
+        )
+        with caplog.at_level(logging.ERROR, logger="drivers.can.link"):
+            feedback = contactors.feedback(10.0)  # polls first: the front-end's frames too
+        assert feedback.valid  # the frame after the failing ones was still handled
+        link = frontend.link
+        assert link.handler_failures == 6 and link.frames_received == 7
+        m = frontend.read(10.05)
+        assert np.isnan(m.cell_voltage_v).all() and m.frame_errors == 6  # nothing refreshed
+        # logged once per subscriber (with its traceback), not once per frame
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 4 and all(r.exc_info for r in errors)  # 4 messages, 6 frames
+        monkeypatch.undo()
+        send_all(peer)
+        m = frontend.read(10.1)
+        assert m.cell_voltage_v == pytest.approx([3.6, 3.601, 3.602, 3.603, 3.604])
+    finally:
+        contactors.close()
+        frontend.close()
+
+
+# ------------------------------------------------------------------ opening and re-opening
+
+
+class ShakySocket(socket.socket):
+    """A CAN socket whose buffer cannot be enlarged (``error``), as without CAP_NET_ADMIN and
+    above net.core.rmem_max, or through something unexpected."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(socket.AF_INET, socket.SOCK_DGRAM)
+        self.error = error
+
+    def setsockopt(self, *args):
+        raise self.error
+
+
+class SocketBus(VirtualBus):
+    def __init__(self, channel, error: BaseException):
+        super().__init__(channel=channel)
+        self.socket = ShakySocket(error)
+        self.shut = False
+
+    def shutdown(self):
+        self.shut = True
+        self.socket.close()
+        super().shutdown()
+
+
+@pytest.fixture
+def socket_buses(monkeypatch):
+    opened: list[SocketBus] = []
+
+    def open_with(error):
+        def bus(interface, channel):
+            opened.append(SocketBus(channel, error))
+            return opened[-1]
+
+        monkeypatch.setattr(can, "Bus", bus)
+        return opened
+
+    yield open_with
+    for bus in opened:
+        if not bus.shut:
+            bus.shutdown()
+
+
+def test_a_receive_buffer_that_cannot_grow_is_logged_not_fatal(config, socket_buses, caplog):
+    opened = socket_buses(OSError(errno.EPERM, "Operation not permitted"))
+    with caplog.at_level(logging.WARNING, logger="drivers.can.link"):
+        bus = link_module.open_bus(config.can)
+    assert bus is opened[0] and not bus.shut
+    assert "receive buffer not enlarged" in caplog.text
+
+
+def test_a_bus_whose_set_up_fails_is_shut_down_not_leaked(config, socket_buses):
+    opened = socket_buses(RuntimeError("something unexpected"))
+    with pytest.raises(RuntimeError):
+        link_module.open_bus(config.can)
+    assert opened[0].shut
+
+
+def test_the_reopen_thread_survives_any_failure_and_retries(faulty, caplog):
+    frontend, _, attempts, failing = faulty
+    failing["count"] = 2
+    failing["error"] = RuntimeError("the adapter's driver raised something unexpected")
+    OPENED[0].recv_errno = errno.ENODEV
+    with caplog.at_level(logging.WARNING, logger="drivers.can.link"):
+        frontend.read(time.monotonic())
+        assert wait_for(lambda: reopened(frontend))
+    assert frontend.link.reopen_failures == 2 and len(attempts) == 1 + 3
+    assert "re-opening CAN failed (attempt 1)" in caplog.text
+
+
+# ------------------------------------------------------------------ timestamps
+
+
+def test_frames_stamped_by_an_adapter_clock_are_not_stale_forever(faulty, peer, caplog):
+    """gs_usb and Kvaser stamp frames with the adapter's clock (seconds since it started):
+    taken for wall-clock time, every frame would be decades old."""
+    frontend, *_ = faulty
+    OPENED[0].adapter_clock_s = 1234.5
+    with caplog.at_level(logging.WARNING, logger="drivers.can.link"):
+        for k in range(3):
+            send_all(peer)
+            m = frontend.read(time.monotonic())
+            assert m.stale_groups == () and not np.isnan(m.cell_voltage_v).any(), k
+    assert frontend.link.foreign_timestamps == 3 * 6
+    assert caplog.text.count("away from the wall clock") == 1  # said once, not per frame

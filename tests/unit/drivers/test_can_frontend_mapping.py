@@ -12,7 +12,15 @@ import pytest
 from bms.comms.dbc import DbcCodec, DbcError
 from bms.config import ConfigError, load_config
 from drivers.can.frontend import CanFrontEnd
-from tests.unit.drivers.test_can_backends import PACK, Peer, cell_group, send_all, temp_group
+from tests.conftest import REPO
+from tests.unit.drivers.test_can_backends import (
+    PACK,
+    Peer,
+    cell_group,
+    send_all,
+    temp_group,
+    with_crc,
+)
 
 # A pack of two modules, each with its own plain (not multiplexed) messages, no checksums, a
 # current sensor of its own, and cycle times on some messages only.
@@ -326,4 +334,59 @@ def test_a_balancing_frame_goes_out_with_its_counter_advancing(frontend, config)
         counters = [codec.decode(message, bus.recv(timeout=1.0).data)["Counter"] for _ in range(17)]
         assert counters == [(1 + k) % 16 for k in range(17)]
     finally:
+        bus.shutdown()
+
+
+def dbc_with(tmp_path, old: str, new: str):
+    """config/can/pybms.dbc with one line changed, written to ``tmp_path``."""
+    text = (REPO / "config" / "can" / "pybms.dbc").read_text()
+    assert old in text
+    path = tmp_path / "changed.dbc"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_a_multiplexed_counter_is_refused_when_opening(make_config, tmp_path):
+    # a Counter sent in the group-0 frames only cannot prove that a group-1 frame is new
+    dbc = dbc_with(
+        tmp_path,
+        ' SG_ Counter : 12|4@1+ (1,0) [0|15] "" BMS\n SG_ Cell1_Voltage m0',
+        ' SG_ Counter m0 : 60|4@1+ (1,0) [0|15] "" BMS\n SG_ Cell1_Voltage m0',
+    )
+    config = load_config(
+        make_config({"pack": {"n_cells": 5, "n_temp_sensors": 7}, "can": {"dbc_file": str(dbc)}})
+    )
+    with pytest.raises(DbcError, match=r"CMU_CellVoltages\.Counter is multiplexed"):
+        CanFrontEnd(config, config.frontend.options)
+
+
+def test_a_counter_that_is_not_available_proves_nothing(make_config, tmp_path):
+    """A count outside the counter's declared range reads as NaN ("not available", the DBC's
+    rule); NaN differs from every earlier count, but it is no evidence of a new frame."""
+    dbc = dbc_with(
+        tmp_path,
+        ' SG_ Counter : 8|4@1+ (1,0) [0|15] "" BMS\n SG_ PackCurrent',
+        ' SG_ Counter : 8|4@1+ (1,0) [0|14] "" BMS\n SG_ PackCurrent',
+    )
+    config = load_config(
+        make_config({"pack": {"n_cells": 5, "n_temp_sensors": 7}, "can": {"dbc_file": str(dbc)}})
+    )
+    bus = can.Bus(interface="virtual", channel=config.can.channel)
+    peer = Peer(bus, DbcCodec(dbc))
+    frontend = CanFrontEnd(config, config.frontend.options)
+    try:
+        send_all(peer)
+        assert frontend.read(10.0).current_a == pytest.approx(-12.5)
+        frame = bytearray(peer.frame("CMU_PackMeasurements", {**PACK, "PackCurrent": 80.0}, 3))
+        frame[1] |= 0x0F  # Counter (bits 8..11) = 15: outside [0, 14]
+        frame = with_crc(0x302, bytes(frame))  # CMU_PackMeasurements is 770 = 0x302
+        for _ in range(3):  # a sender stuck on a not-available count, frame after frame
+            peer.send_raw("CMU_PackMeasurements", frame)
+        timeout_s = config.frontend.options.pack_timeout_s
+        m = frontend.read(10.0 + timeout_s + 0.01)
+        assert "pack" in m.stale_groups and math.isnan(m.current_a)
+        assert frontend.stats.counter_invalid == 3 and frontend.stats.counter_repeats == 0
+        assert m.frame_errors == 3
+    finally:
+        frontend.close()
         bus.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import struct
 import time
 
 import numpy as np
@@ -21,8 +22,8 @@ from bms.loop import ControlCycle
 from bms.types import ALL_OPEN, CELL_VOLTAGE_GROUP, PACK_GROUP, TEMPERATURE_GROUP
 from drivers.i2c.bus import I2cIdentityError, I2cNackError
 from drivers.i2c.frontend import Bq76952FrontEnd, Bq76952Options
-from tests.emulators.bq76952 import Bq76952Emulator
-from tests.emulators.ina228 import Ina228Emulator
+from tests.emulators.bq76952 import DM_CC_GAIN, DM_VCELL_MODE, Bq76952Emulator
+from tests.emulators.ina228 import RESET, Ina228Emulator
 from tests.emulators.smbus import EmulatedBus
 from tests.fakes import FakeBox, FakePublisher
 
@@ -159,9 +160,10 @@ def test_a_measurement_from_two_chips_and_a_shunt(rig2):
     m = rig2.wait(lambda m: m.current_a < 0, "a discharge current")
     assert m.current_a == pytest.approx(-30.0, abs=2e-3)
     assert m.redundant_current_a == pytest.approx(-30.0, abs=1e-3)
-    low.current_a = -40.0  # beyond CC2's 16 bits of 1 mA: it saturates, as the chip does
-    m = rig2.wait(lambda m: m.redundant_current_a < -32.0, "a saturated CC2")
-    assert m.redundant_current_a == pytest.approx(-32.768)
+    low.current_a = -40.0  # beyond CC2's 16 bits of 1 mA: it saturates at -32.768 A
+    m = rig2.wait(lambda m: math.isnan(m.redundant_current_a), "a saturated CC2")
+    assert m.current_a == pytest.approx(-30.0, abs=2e-3)  # a saturated reading is no reading
+    assert PACK_GROUP not in m.stale_groups  # the chip answered: NaN now, not old
 
 
 def test_cc2_alone_is_the_pack_current(rig1):
@@ -319,6 +321,208 @@ def test_autonomous_fets_are_switched_on_at_start_and_off_on_close(make_config, 
     assert chip.fet_en and chip.fet_status == 0b101
     frontend.close()
     assert chip.fet_status == 0
+
+
+# -- chip states the measurements cannot be trusted in (TRM: CONFIG_UPDATE, reset, SLEEP) --------
+
+SUBCOMMANDS = 0x3E  # every subcommand (EXIT_CFGUPDATE, SLEEP_DISABLE, data memory) goes here
+
+
+def block_subcommands(chip: Bq76952Emulator, blocked: bool = True) -> None:
+    """The chip NACKs every transfer to 0x3E/0x3F: no subcommand can be sent (or read back),
+    so a state the driver would repair at once lasts as long as the test needs it."""
+    chip.nack_next(10**9 if blocked else 0, register=SUBCOMMANDS)
+
+
+def test_a_chip_left_in_config_update_is_taken_out_of_it_at_start(make_config, rigs, caplog):
+    chip = Bq76952Emulator(LOW)
+    chip._dm_set(DM_VCELL_MODE, (0xFFFF).to_bytes(2, "little"))  # no setting needs a change
+    chip.cfgupdate = True  # a previous run was killed between SET_ and EXIT_CFGUPDATE
+    rig = Rig(make_config, one_chip(), chip=chip)
+    rigs.append(rig)
+    with caplog.at_level(logging.WARNING, logger="drivers.i2c.frontend"):
+        rig.open()
+    assert not chip.cfgupdate and not chip.por  # measuring and protecting again
+    assert "CONFIG_UPDATE" in caplog.text
+    chip.cell_voltage_v[3] = 4.1
+    m = rig.wait(lambda m: fresh(m) and m.cell_voltage_v[3] > 4.0, "a new measurement")
+    assert m.frontend_faults == ()
+
+
+def test_a_chip_in_config_update_is_a_device_error_until_it_is_out(rig1):
+    chip = rig1.chips["chip"]
+    rig1.open()
+    rig1.wait(fresh, "a complete sample")
+    block_subcommands(chip)
+    chip.cfgupdate = True  # measurements and protections stopped
+    chip.cell_voltage_v[3] = 4.5  # the chip does not see it
+    m = rig1.wait(lambda m: "frontend_device_error" in m.frontend_faults, "a device error")
+    assert np.isnan(m.cell_voltage_v).all() and math.isnan(m.current_a)  # not old codes
+    time.sleep(0.3)
+    m = rig1.read()
+    assert "frontend_device_error" in m.frontend_faults and np.isnan(m.cell_voltage_v).all()
+    block_subcommands(chip, False)
+    m = rig1.wait(lambda m: fresh(m) and m.frontend_faults == (), "recovery")
+    assert not chip.cfgupdate and m.cell_voltage_v[3] == pytest.approx(4.5)
+    assert rig1.frontend.chips[0].reconfigurations == 1
+
+
+def test_a_chip_that_resets_is_a_device_error_until_configured_again(make_config, rigs):
+    chip = Bq76952Emulator(LOW)
+    changes = one_chip()
+    changes["frontend"]["chips"][0]["sense_resistance_mohm"] = 1.0
+    rig = Rig(make_config, changes, chip=chip)
+    rigs.append(rig)
+    rig.open()
+    rig.wait(fresh, "a complete sample")
+    block_subcommands(chip)
+    chip.reset()  # a brown-out: Vcell Mode and CC Gain back at their defaults, SLEEP allowed
+    m = rig.wait(lambda m: "frontend_device_error" in m.frontend_faults, "a device error")
+    assert np.isnan(m.cell_voltage_v).all()
+    block_subcommands(chip, False)
+    rig.wait(lambda m: fresh(m) and m.frontend_faults == (), "recovery")
+    assert not chip.por and not chip.sleep_allowed
+    assert chip.vcell_mode == 0xFFFF
+    (cc_gain,) = struct.unpack("<f", chip.dm_get(DM_CC_GAIN, 4))
+    assert cc_gain == pytest.approx(7.5684 / 1.0, rel=1e-6)  # TRM: 7.5684 / Rsense(mOhm)
+
+
+def test_a_sleeping_chip_is_not_refreshed(rig1):
+    chip = rig1.chips["chip"]
+    rig1.open()
+    rig1.wait(fresh, "a complete sample")
+    assert not chip.sleep_allowed  # SLEEP_DISABLE at start
+    block_subcommands(chip)
+    chip.sleep_allowed = True  # allowed again, and the driver cannot disallow it now
+    chip.current_a = 0.0  # below Sleep Current: asleep, measuring every 5 s
+    chip.cell_voltage_v[3] = 4.5
+    m = rig1.wait(lambda m: CELL_VOLTAGE_GROUP in m.stale_groups, "stale cells")
+    assert np.isnan(m.cell_voltage_v).all()
+    block_subcommands(chip, False)  # SLEEP_DISABLE goes through: awake, measuring
+    m = rig1.wait(fresh, "recovery")
+    assert m.cell_voltage_v[3] == pytest.approx(4.5) and not chip.sleep_allowed
+
+
+def test_a_chip_whose_status_cannot_be_read_keeps_its_faults_then_is_a_device_error(rig1):
+    chip = rig1.chips["chip"]
+    rig1.open()
+    chip.safety_status = [1 << 3, 0, 0]  # COV
+    rig1.wait(lambda m: m.frontend_faults == ("frontend_cell_overvoltage",), "the fault")
+    chip.nack_next(10**9, register=0x02)  # the status block read fails from now on
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # never a silent "no faults" in between
+        m = rig1.read()
+        assert m.frontend_faults, "the chip's faults vanished with its status"
+        if m.frontend_faults == ("frontend_device_error",):
+            break
+        assert m.frontend_faults == ("frontend_cell_overvoltage",)
+        assert time.monotonic() < deadline, m
+        time.sleep(0.005)
+    assert np.isnan(m.cell_voltage_v).all()  # nothing is read from a chip of unknown state
+    chip.nack_next(0)
+    rig1.wait(lambda m: m.frontend_faults == ("frontend_cell_overvoltage",), "the status again")
+
+
+def test_nothing_is_written_to_a_chip_whose_status_cannot_be_read(rig1):
+    """A chip that reset into another I2C mode would take a write's bytes as other commands."""
+    chip = rig1.chips["chip"]
+    frontend = rig1.open()
+    rig1.wait(fresh, "a complete sample")
+    chip.nack_next(10**9, register=0x02)
+    time.sleep(0.1)
+    chip.log.clear()
+    mask = np.zeros(16, dtype=bool)
+    mask[0] = True
+    for _ in range(20):
+        frontend.balance(mask)
+        time.sleep(0.01)
+    assert [t for t in chip.log if t.kind == "w"] == [] and chip.cb_active == 0
+    chip.nack_next(0)
+    deadline = time.monotonic() + DEADLINE_S
+    while chip.cb_active != 1:
+        assert time.monotonic() < deadline
+        frontend.balance(mask)
+        time.sleep(0.02)
+
+
+def test_a_failing_poll_is_logged_once_not_every_poll(rig1, caplog, monkeypatch):
+    frontend = rig1.open()
+    rig1.wait(fresh, "a complete sample")
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    with caplog.at_level(logging.WARNING, logger="drivers.i2c.frontend"):
+        monkeypatch.setattr(frontend, "_put_pack", broken)
+        errors = rig1.read().frame_errors
+        rig1.wait(lambda m: m.frame_errors > errors + 20, "many failed polls")
+        monkeypatch.undo()
+    failures = [r for r in caplog.records if "a poll failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info  # with its traceback, once
+    assert frontend._thread.is_alive()
+    rig1.wait(lambda m: fresh(m) and not math.isnan(m.current_a), "polls working again")
+
+
+# -- the INA228 ----------------------------------------------------------------------------------
+
+
+def ina_rig(make_config, rigs, ina: Ina228Emulator):
+    chip = Bq76952Emulator(LOW)
+    changes = one_chip(ina228={"shunt_resistance_ohm": 0.0005, "max_current_a": 150.0}, cc2=False)
+    changes["protection"]["short_circuit_current_a"] = 100.0
+    rig = Rig(make_config, changes, chip=chip, ina=ina)
+    rigs.append(rig)
+    rig.open()
+    return rig
+
+
+def test_an_ina228_that_reset_never_gives_a_wrongly_scaled_current(make_config, rigs):
+    """After a reset SHUNT_CAL is 0x1000 again (data sheet), and 25 A reads as 11.4 A."""
+    ina = Ina228Emulator(shunt_resistance_ohm=0.0005)
+    ina.current_a = 25.0
+    rig = ina_rig(make_config, rigs, ina)
+    rig.wait(lambda m: fresh(m) and not math.isnan(m.current_a), "a current")
+    with ina.lock:
+        ina.registers = dict(RESET)  # a brown-out
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        m = rig.read()
+        assert math.isnan(m.current_a) or m.current_a == pytest.approx(25.0, abs=2e-3), m
+        time.sleep(0.002)
+    assert ina.registers[0x02] == 1875  # configured again: 13107.2e6 * 150 / 2^19 * 0.0005
+    assert rig.wait(lambda m: m.frontend_faults == (), "no fault").current_a == pytest.approx(
+        25.0, abs=2e-3
+    )
+
+
+def test_an_ina228_that_cannot_be_configured_again_is_a_current_sensor_fault(make_config, rigs):
+    ina = Ina228Emulator(shunt_resistance_ohm=0.0005)
+    ina.current_a = 25.0
+    rig = ina_rig(make_config, rigs, ina)
+    rig.wait(lambda m: fresh(m) and not math.isnan(m.current_a), "a current")
+    keep = ina.write_registers
+    ina.write_registers = lambda register, data: None  # writes no longer take
+    with ina.lock:
+        ina.registers = dict(RESET)
+    m = rig.wait(lambda m: "frontend_current_sensor_fault" in m.frontend_faults, "the fault")
+    time.sleep(0.2)
+    m = rig.read()
+    assert "frontend_current_sensor_fault" in m.frontend_faults and math.isnan(m.current_a)
+    ina.write_registers = keep
+    m = rig.wait(lambda m: m.frontend_faults == () and not math.isnan(m.current_a), "recovery")
+    assert m.current_a == pytest.approx(25.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("current_a", [120.0, -120.0])
+def test_a_current_beyond_the_ina228_shunt_limits_is_a_short_circuit(make_config, rigs, current_a):
+    ina = Ina228Emulator(shunt_resistance_ohm=0.0005)
+    rig = ina_rig(make_config, rigs, ina)  # limits at +-100 A (short_circuit_current_a)
+    rig.wait(lambda m: fresh(m) and m.frontend_faults == (), "a clean sample")
+    ina.current_a = current_a
+    m = rig.wait(lambda m: "frontend_short_circuit" in m.frontend_faults, "the short circuit")
+    assert m.current_a == pytest.approx(current_a, abs=2e-3)  # a valid reading, just large
+    ina.current_a = 0.9 * 100.0 * (1 if current_a > 0 else -1)
+    rig.wait(lambda m: m.frontend_faults == (), "below the limit again")
 
 
 # -- start-up errors -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from drivers.i2c.bus import I2cIdentityError, I2cNackError, I2cNoDeviceError, I2cProtocolError
 from drivers.i2c.ina228 import Ina228, Ina228Alerts
-from tests.emulators.ina228 import Ina228Emulator
+from tests.emulators.ina228 import RESET, Ina228Emulator
 from tests.emulators.smbus import EmulatedBus
 
 SHUNT_OHM = 0.0005
@@ -38,8 +38,13 @@ def configured(**kwargs):
 
 
 def test_identity():
-    driver, _ = make()
-    driver.check_identity()
+    driver, emulator = make()
+    driver.check_identity()  # raises unless manufacturer "TI" and die 0x228 answer
+    # ... which it learnt from the two identity registers, each read as one SMBus word
+    assert [(t.kind, t.register, t.n_bytes) for t in emulator.log] == [
+        ("r", 0x3E, 2),
+        ("r", 0x3F, 2),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -208,7 +213,35 @@ def test_the_transfers_of_one_reading():
     driver.read()
     assert [(t.register, t.n_bytes) for t in emulator.log] == [
         (0x04, 3), (0x05, 3), (0x06, 2), (0x07, 3), (0x0A, 5), (0x0B, 2),
+        (0x00, 2), (0x01, 2), (0x02, 2),  # CONFIG, ADC_CONFIG, SHUNT_CAL read back
     ]  # fmt: skip
+
+
+def test_a_reset_chip_is_caught_not_read_with_the_wrong_scale():
+    """After a power-on reset SHUNT_CAL is 0x1000 again (data sheet): CURRENT then counts in
+    VSHUNT * 4096 / 4096 steps, 25 A reads as 11.4 A, and no diagnostic flag says so."""
+    driver, emulator = configured()
+    driver.set_alert_limits(current_high_a=100.0, current_low_a=-100.0)
+    emulator.current_a = 25.0
+    assert driver.read().current_a == pytest.approx(25.0, abs=1e-3)
+    emulator.registers = dict(RESET)  # the brown-out
+    reading = driver.read()
+    assert reading.configuration_lost
+    assert math.isnan(reading.current_a) and math.isnan(reading.charge_c)
+    assert reading.bus_voltage_v == pytest.approx(48.0, abs=1e-3)  # not scaled by SHUNT_CAL
+    driver.configure()
+    driver.set_alert_limits(current_high_a=100.0, current_low_a=-100.0)
+    reading = driver.read()
+    assert not reading.configuration_lost and reading.current_a == pytest.approx(25.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("register", [0x01, 0x02, 0x0C, 0x0D])
+def test_any_register_written_that_changes_is_caught(register):
+    driver, emulator = configured()
+    driver.set_alert_limits(current_high_a=100.0, current_low_a=-100.0)
+    assert not driver.read().configuration_lost
+    emulator.registers[register] = RESET[register]  # each differs from what was written
+    assert driver.read().configuration_lost
 
 
 def test_a_stuck_converter_repeats_its_last_codes():
@@ -220,3 +253,12 @@ def test_a_stuck_converter_repeats_its_last_codes():
     assert driver.read().current_a == pytest.approx(10.0, abs=1e-3)
     emulator.stuck = False
     assert driver.read().current_a == pytest.approx(-10.0, abs=1e-3)
+
+
+def test_a_lost_shunt_range_is_caught():
+    emulator = Ina228Emulator(shunt_resistance_ohm=0.0002)
+    driver = Ina228(EmulatedBus({emulator.address: emulator}), emulator.address, 0.0002, 100.0)
+    driver.configure()  # 20 mV full scale: ADCRANGE 1, CONFIG 0x0010
+    assert not driver.read().configuration_lost
+    emulator.registers[0x00] = RESET[0x00]  # ADCRANGE back to +-163.84 mV
+    assert driver.read().configuration_lost

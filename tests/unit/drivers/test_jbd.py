@@ -3,6 +3,7 @@ front-end over a pty to the emulated BMS (tests/emulators/jbd.py), with its faul
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from bms.backends import FrontEndError
 from bms.config import ConfigError, load_config
+from drivers.serial import jbd as jbd_module
 from drivers.serial.jbd import (
     FrameReader,
     JbdFrontEnd,
@@ -79,14 +81,43 @@ def test_captured_cell_voltages_decode_in_volts():
 
 @pytest.mark.parametrize(
     ("current_bytes", "current_a"),
-    [(b"\x03\xe8", 10.0), (b"\xfc\x18", -10.0), (b"\x80\x00", -327.68)],
-    ids=["charging", "discharging", "most negative"],
+    [(b"\x03\xe8", 10.0), (b"\xfc\x18", -10.0), (b"\x80\x01", -327.67)],
+    ids=["charging", "discharging", "most negative unsaturated"],
 )
 def test_current_is_signed_and_positive_while_charging(current_bytes, current_a):
     data = bytearray(DOC_BASIC_INFO[4:-3])
     data[2:4] = current_bytes  # current: the second u16, 10 mA
     (response,) = FrameReader().feed(frame(0x03, bytes(data)))
     assert decode_basic_info(response.data).current_a == pytest.approx(current_a)
+
+
+@pytest.mark.parametrize("current_bytes", [b"\x80\x00", b"\x7f\xff"], ids=["-327.68", "327.67"])
+def test_a_current_at_full_scale_is_saturated_not_a_measurement(current_bytes):
+    # an s16 of 10 mA ends at +-327.68 A: the true current may be anywhere beyond
+    data = bytearray(DOC_BASIC_INFO[4:-3])
+    data[2:4] = current_bytes
+    assert math.isnan(decode_basic_info(bytes(data)).current_a)
+
+
+def test_readings_no_pack_can_give_are_nan():
+    data = bytearray(DOC_BASIC_INFO[4:-3])  # 15 cells, two NTCs at 2934 and 2946 (0.1 K)
+    data[0:2] = b"\xff\xff"  # pack voltage 655.35 V: beyond 15 cells at 5 V each
+    data[23:25] = (0).to_bytes(2, "big")  # NTC 1: 0 K, a shorted or missing NTC
+    data[25:27] = (2731 + 2000).to_bytes(2, "big")  # NTC 2: 200 degC, no cell survives it
+    info = decode_basic_info(bytes(data))
+    assert math.isnan(info.pack_voltage_v)
+    assert math.isnan(info.temps_c[0]) and math.isnan(info.temps_c[1])
+    data[23:25] = (2731 - 400).to_bytes(2, "big")  # -40 degC and 120 degC are readings
+    data[25:27] = (2731 + 1200).to_bytes(2, "big")
+    assert decode_basic_info(bytes(data)).temps_c == pytest.approx((-40.0, 120.0))
+
+
+def test_a_failed_cell_channel_is_nan_not_65_volts():
+    # 0xFFFF, what many front-ends send for a channel they could not measure, is 65.535 V
+    volts = decode_cell_voltages(bytes.fromhex("0CE4 FFFF 1194 0000"))
+    assert volts[0] == pytest.approx(3.3) and math.isnan(volts[1])
+    assert volts[2] == pytest.approx(4.5)  # an overcharged cell still reads, and trips
+    assert volts[3] == 0.0  # a dead cell reads 0 V: under-voltage, not "no reading"
 
 
 def test_protection_and_fet_bits_become_fault_ids_in_the_documented_order():
@@ -343,6 +374,17 @@ def test_the_bms_protection_bits_are_reported_while_fresh(frontend, emulator):
     assert wait_for(lambda: frontend.read(time.monotonic()).frontend_faults == ())
 
 
+def test_impossible_cell_and_ntc_codes_arrive_as_nan(frontend, emulator):
+    with emulator.lock:
+        emulator.state.cell_voltages_v = [3.3, 65.535, 3.3, 3.3]  # a failed channel: 0xFFFF
+        emulator.state.temps_c = [25.0, -273.1]  # a shorted NTC: code 0
+    assert after_polls(emulator)
+    m = frontend.read(time.monotonic())
+    assert m.stale_groups == ()  # the frames were good; the values are not readings
+    assert math.isnan(m.cell_voltage_v[1]) and m.cell_voltage_v[0] == pytest.approx(3.3)
+    assert math.isnan(m.cell_temp_c[1]) and m.cell_temp_c[0] == pytest.approx(25.0)
+
+
 def test_a_port_that_vanishes_goes_stale_without_a_crash(frontend, emulator):
     assert wait_for(lambda: fresh(frontend) is not None)
     emulator.close()  # the USB adapter was pulled
@@ -350,6 +392,55 @@ def test_a_port_that_vanishes_goes_stale_without_a_crash(frontend, emulator):
     assert wait_for(lambda: all_stale(frontend))
     m = frontend.read(time.monotonic())
     assert np.isnan(m.cell_voltage_v).all() and math.isnan(m.current_a)
+
+
+def test_a_pulled_and_replugged_adapter_is_used_again(make_config, tmp_path):
+    """Pulled while the poller waits between polls: its next request starts by flushing the
+    input, which on a hung-up tty fails in termios (EIO), not as an OSError. The poller must
+    live on, count it, and re-open the port once the adapter is back (udev's stable name, a
+    symlink here, then points at the new tty)."""
+    port = tmp_path / "ttyJBD"
+    first = JbdEmulator(PackState(cell_voltages_v=list(CELLS_V), temps_c=list(TEMPS_C)))
+    port.symlink_to(first.port)
+    config = jbd_config(make_config, str(port), poll_period_s=0.5, timeout_s=1.0, reopen_max_s=0.5)
+    frontend = JbdFrontEnd(config, config.frontend.options)
+    second = None
+    try:
+        assert wait_for(lambda: fresh(frontend) is not None)
+        time.sleep(0.2)  # the poll is done; the poller waits for the next one
+        first.close()  # the adapter is pulled
+        assert wait_for(lambda: frontend.stats.port_errors >= 1)
+        time.sleep(0.6)  # a re-open or two fail: nothing there yet
+        assert frontend._thread.is_alive()
+        second = JbdEmulator(PackState(cell_voltages_v=[3.5] * 4, temps_c=list(TEMPS_C)))
+        port.unlink()
+        port.symlink_to(second.port)  # plugged in again
+        assert wait_for(lambda: (m := fresh(frontend)) is not None and m.cell_voltage_v[0] == 3.5)
+        assert frontend._thread.is_alive()
+    finally:
+        frontend.close()
+        first.close()
+        if second is not None:
+            second.close()
+
+
+def test_an_unexpected_failure_is_logged_once_and_the_poller_goes_on(
+    frontend, emulator, monkeypatch, caplog
+):
+    assert wait_for(lambda: fresh(frontend) is not None)
+
+    def broken(data):
+        raise RuntimeError("a bug in the decoder")
+
+    with caplog.at_level(logging.ERROR, logger="drivers.serial.jbd"):
+        monkeypatch.setattr(jbd_module, "decode_basic_info", broken)
+        assert wait_for(lambda: frontend.stats.poller_errors >= 5)
+        assert frontend._thread.is_alive()
+        monkeypatch.undo()
+        assert wait_for(lambda: fresh(frontend) is not None)  # re-opened and polling again
+    failures = [r for r in caplog.records if "JBD poller failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info  # with its traceback, once
+    assert frontend._thread.is_alive()
 
 
 def test_read_never_waits_for_the_line(frontend, emulator):
