@@ -15,6 +15,7 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q --cov --cov-report=term
+	$(BIN)/python -m pytest -q hil --rig=virtual
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

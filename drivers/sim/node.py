@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -104,6 +105,9 @@ class SimulatedPack(Simulator):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bus = None
+        self.before_tick: Callable[[float], None] | None = None
+        """Called with the plant time at the start of every tick, on the pack's thread: where
+        a HIL rig's instruments set the plant's sources and faults (hil/virtual)."""
 
     def attach(self) -> None:
         """Join the bus; :meth:`tick` can then be driven by hand (tests) or by :meth:`start`."""
@@ -139,6 +143,8 @@ class SimulatedPack(Simulator):
 
     def tick(self, t_s: float, dt_s: float) -> None:
         """One step of the hardware: obey commands (or the dead-man), move, report."""
+        if self.before_tick is not None:
+            self.before_tick(t_s)
         self._receive_commands(t_s)
         if t_s - self._command_t_s > self.options.deadman_timeout_s:
             self._command = ALL_OPEN
@@ -230,8 +236,7 @@ class SimulatedPack(Simulator):
         voltages, temperatures = self.voltages, self.temperatures
         self._send_frames(voltages, self.voltage_frames, r.cell_voltage_v, r.cell_voltage_invalid)
         temps_c = np.round(r.cell_temp_c)  # the signal carries whole degrees
-        valid = np.zeros(temps_c.size, dtype=bool)
-        self._send_frames(temperatures, self.temperature_frames, temps_c, valid)
+        self._send_frames(temperatures, self.temperature_frames, temps_c, r.cell_temp_invalid)
         self._send(
             self.pack,
             {

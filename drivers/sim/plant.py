@@ -4,7 +4,9 @@ This is the plant, not a replay of the estimator. Every cell has its own capacit
 and initial SOC around the nominal parameter set, a second-order Thevenin response with the
 set's impedance tables over SOC and temperature, and a lumped thermal mass cooled to ambient. The
 sensors add per-channel offsets and noise. The contactor box has three relays, a precharge
-resistor and a DC-link capacitor. Faults are injected as the hardware would show them.
+resistor and a DC-link capacitor. Faults are injected as the hardware would show them. On a
+HIL rig (``hil/virtual``) instruments take the place of the cells and the temperature sensors
+(:class:`ExternalSources`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,31 @@ class Readings:
     cell_voltage_v: np.ndarray
     cell_voltage_invalid: np.ndarray
     cell_temp_c: np.ndarray
+    cell_temp_invalid: np.ndarray
     current_a: float
     pack_voltage_v: float
     link_voltage_v: float
     relays: RelayStates
     insulation_kohm: float
     interlock_closed: bool
+
+
+@dataclass(slots=True)
+class ExternalSources:
+    """Instruments of a HIL rig that take the place of parts of the plant (``hil/virtual``);
+    each left None is the model's."""
+
+    cell_voltage_v: np.ndarray | None = None
+    """(n_cells,) what a cell emulator's channels hold at the cells' sense wires: the cells'
+    terminal voltages, whatever the current (an emulator regulates its output)."""
+    sensor_temp_c: np.ndarray | None = None
+    """(n_temp_sensors,) what the front-end makes of each temperature sensor (a thermistor
+    emulator's resistance read through the front-end's curve); NaN: the sensor reads open or
+    shorted, and the front-end flags it invalid."""
+    link_load_a: float = 0.0
+    """What an instrument on the DC link (a rig's electronic load) draws from it while the
+    contactors leave it disconnected from the pack: the link's capacitance gives it until it
+    is empty."""
 
 
 @dataclass(slots=True)
@@ -87,6 +108,7 @@ class PackPlant:
         self.link_voltage_v = 0.0
         self.current_a = 0.0
         self.faults = InjectedFaults()
+        self.external = ExternalSources()
         self.bleeding = np.zeros(n_cells, dtype=bool)
 
     # ---------------------------------------------------------------- physics
@@ -102,10 +124,20 @@ class PackPlant:
     def ocv_v(self) -> np.ndarray:
         return self.cell.ocv_at(self.soc, self.temp_c)
 
+    def emf_v(self) -> np.ndarray:
+        """Each cell's source voltage (n_cells,) behind its series resistance: OCV and the RC
+        pairs' voltages, or the emulator's channel voltage where one holds the cells."""
+        emulated = self.external.cell_voltage_v
+        if emulated is not None:
+            return np.asarray(emulated, dtype=float)
+        return self.ocv_v() + self.v_rc1_v + self.v_rc2_v
+
     def terminal_voltage_v(self, current_a: float) -> np.ndarray:
         """Cell terminal voltages (n_cells,) carrying ``current_a`` (positive = charging)."""
+        if self.external.cell_voltage_v is not None:
+            return self.emf_v()  # regulated at the sense wires
         r0 = self.impedance()[0]
-        return self.ocv_v() + self.v_rc1_v + self.v_rc2_v + r0 * current_a
+        return self.emf_v() + r0 * current_a
 
     def step(self, dt_s: float, load_current_a: float, command: RelayStates) -> None:
         """Advance ``dt_s`` seconds with the relays commanded and the load drawing its current.
@@ -115,7 +147,7 @@ class PackPlant:
         """
         self._move_relays(command)
         o = self.options
-        emf_pack_v = float(self.ocv_v().sum() + self.v_rc1_v.sum() + self.v_rc2_v.sum())
+        emf_pack_v = float(self.emf_v().sum())
         r_pack_ohm = float(self.impedance()[0].sum())
         main = self.relays.negative and self.relays.positive
         pre = self.relays.negative and self.relays.precharge and not self.relays.positive
@@ -148,6 +180,8 @@ class PackPlant:
             self.link_voltage_v += (pack_v - self.link_voltage_v) * (1 - math.exp(-dt_s / tau))
         else:
             self.link_voltage_v *= math.exp(-dt_s / (LINK_BLEED_OHM * o.link_capacitance_f))
+            drawn_v = self.external.link_load_a * dt_s / o.link_capacitance_f
+            self.link_voltage_v = max(0.0, self.link_voltage_v - drawn_v)
 
     def _move_relays(self, command: RelayStates) -> None:
         positive = command.positive or (self.faults.weld and self.relays.positive)
@@ -190,12 +224,20 @@ class PackPlant:
             cell_v[cell] = frozen_v
         for cell in self.faults.nan:
             cell_v[cell] = math.nan
-        temps = self.temp_c[self.sensor_cell] + o.temp_noise_c * noise(self.sensor_cell.size)
+        temp_noise_c = o.temp_noise_c * noise(self.sensor_cell.size)
+        sensed = self.external.sensor_temp_c
+        if sensed is None:
+            temps = self.temp_c[self.sensor_cell] + temp_noise_c
+            temp_invalid = np.zeros(temps.size, dtype=bool)
+        else:
+            temp_invalid = np.isnan(sensed)
+            temps = np.where(temp_invalid, 0.0, sensed + temp_noise_c)
         pack_v = float(true_cell_v.sum())
         return Readings(
             cell_voltage_v=cell_v,
             cell_voltage_invalid=invalid,
             cell_temp_c=temps,
+            cell_temp_invalid=temp_invalid,
             current_a=self.current_a + self.current_offset_a + o.current_noise_a * noise(),
             pack_voltage_v=pack_v + 0.01 * noise(),
             link_voltage_v=max(0.0, self.link_voltage_v + 0.01 * noise()),
