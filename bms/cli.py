@@ -1,5 +1,5 @@
 """The ``bms`` command: ``run``, ``sim``, ``plant``, ``status``, ``faults``, ``check-config``,
-``identify``, ``replay``.
+``identify``, ``replay``, ``health``, ``failsafe``.
 
 Exit codes: 0 clean stop (contactors confirmed open), 1 contactors not confirmed open,
 2 configuration or usage error, 3 the configured hardware or files could not be opened,
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bms import app, backends
 from bms.config import SIM_BACKEND, ConfigError, load_config, load_contactor_config
+from bms.health import command as health_command
 from bms.service import tools
 from bms.service.journal import JournalHandler, journal_wanted
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how uncertain that start is (default 0.3: a guess the voltage will correct)",
     )
     replay.add_argument("--plot", type=Path, metavar="REPORT.png", help="also draw a report")
+    health_command.add_parser(commands)
     return parser
 
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return _identify(args)
     if args.command == "replay":
         return _replay(parser, args)
+    if args.command == "health":
+        return args.handler(args)
     path = args.file if args.command == "check-config" else args.config
     if path is None:  # status and faults
         path = tools.default_config()
