@@ -23,6 +23,8 @@ from bms.comms.dbc import DbcError
 from bms.config import BackendChoice, BmsConfig, ConfigError, load_config
 from bms.estimation.cell_params import CellParamsError, load_cell_params
 from bms.estimation.estimator import warm_up
+from bms.health.runner import SohModel
+from bms.health.service import HealthService
 from bms.loop import ControlCycle, CycleTiming, RateKeeper
 from bms.report import pack_summary, status_record, to_json, to_line
 from bms.service.control import ControlServer, ControlSocketBusy
@@ -442,10 +444,20 @@ def build_cycle(
         )
         recorder.start()
         resources.callback(recorder.close)  # after the cycle's close below: LIFO
+    health = None
+    if config.health.enabled:
+        model = SohModel.load(config.health.model) if config.health.model else None
+        health = HealthService(
+            cell, config.pack.n_cells, config.pack.n_parallel, model, config.health.sample_period_s
+        )
+        health.start()
+        resources.callback(health.stop)
     frontend = _open(resources, config, config.frontend)
     contactors = _open(resources, config, config.contactors)
     publisher = _open(resources, config, config.publisher) if config.publisher else None
-    cycle = ControlCycle(config, cell, frontend, contactors, publisher, latch_store, recorder)
+    cycle = ControlCycle(
+        config, cell, frontend, contactors, publisher, latch_store, recorder, health
+    )
     resources.callback(cycle.close)
     if endpoint is not None:
         endpoint.cycle = cycle

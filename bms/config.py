@@ -213,6 +213,18 @@ class ServiceConfig(StrictModel):
         return self
 
 
+class HealthConfig(StrictModel):
+    """State of health beside the loop (bms/health/service.py)."""
+
+    enabled: bool = True
+    model: ExistingPath | None = Field(
+        None,
+        description="the int8 SOH model (.tflite, its .json sidecar beside it), trained for "
+        "this cell type; none: the online estimate only",
+    )
+    sample_period_s: float = Field(1.0, ge=0.1, le=60.0, description="one sample this often")
+
+
 class StoreConfig(StrictModel):
     """Where the pack's state and the fault log persist (SQLite)."""
 
@@ -244,6 +256,7 @@ class FileConfig(StrictModel):
     balancing: BalancingConfig = BalancingConfig()
     service: ServiceConfig = ServiceConfig()
     store: StoreConfig | None = None
+    health: HealthConfig = HealthConfig()
     sim: dict[str, Any] | None = None
 
 
@@ -273,6 +286,7 @@ class BmsConfig:
     balancing: BalancingConfig
     service: ServiceConfig
     store: StoreConfig | None
+    health: HealthConfig
     frontend: BackendChoice
     contactors: BackendChoice
     publisher: BackendChoice | None
@@ -296,6 +310,7 @@ class BmsConfig:
             "derating",
             "service",
             "store",
+            "health",
         ):
             section = getattr(self, name)
             if section is not None:
@@ -364,6 +379,7 @@ def load_config(path: str | Path) -> BmsConfig:
         balancing=parsed.balancing,
         service=parsed.service,
         store=parsed.store,
+        health=parsed.health,
         frontend=choices["frontend"],
         contactors=choices["contactors"],
         publisher=choices["publisher"],
@@ -420,6 +436,7 @@ def load_contactor_config(path: str | Path) -> BmsConfig:
         balancing=BalancingConfig(),
         service=ServiceConfig(),
         store=None,
+        health=HealthConfig(enabled=False),
         frontend=None,
         contactors=contactors,
         publisher=None,

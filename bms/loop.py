@@ -26,6 +26,7 @@ from bms.backends import ContactorDriver, FrontEnd, Publisher
 from bms.config import BmsConfig
 from bms.estimation.cell_params import CellParams
 from bms.estimation.estimator import Estimate, PackEstimator
+from bms.health.service import HealthService
 from bms.protection.balancing import Balancer
 from bms.protection.contactors import FAULT_IDS as CONTACTOR_FAULT_IDS
 from bms.protection.contactors import ContactorStateMachine
@@ -159,10 +160,12 @@ class ControlCycle:
         publisher: Publisher | None,
         latch_store: LatchStore | None = None,
         recorder: PackRecorder | None = None,
+        health: HealthService | None = None,
     ):
         """``latch_store``: where latched faults persist; those found there at start hold the
         contactors open from the first cycle. None keeps latches in memory only (tests).
-        ``recorder``: the state store (SOC, throughput, fault log); None: not persisted."""
+        ``recorder``: the state store (SOC, throughput, fault log); None: not persisted.
+        ``health``: the state-of-health service beside the loop, fed every cycle; or None."""
         self.config = config
         self.frontend = frontend
         self.contactors = contactors
@@ -184,6 +187,7 @@ class ControlCycle:
         self.stuck = StuckDetector(n_cells, protection.stuck_time_s, protection.stuck_min_current_a)
         self.charge_check = self._charge_check(config)
         self.recorder = recorder
+        self.health = health
         self.latches = LatchKeeper(latch_store, recorder)
         if recorder is not None:
             restored = recorder.restored_soc(n_cells, config.soc.rest_time_s)
@@ -274,6 +278,17 @@ class ControlCycle:
                 conditions["current_soc_mismatch"] = self.charge_check.update(
                     m.current_a, estimate, dt_s
                 )
+            if self.health is not None:
+                self.health.offer(
+                    t_s,
+                    m.current_a,
+                    m.cell_voltage_v,
+                    self.estimator.temp_c,
+                    estimate.soc,
+                    estimate.soc_std,
+                )
+                latest = self.health.latest
+                conditions["soh_disagreement"] = bool(latest is not None and latest.disagree.any())
         except Exception:
             self.errors.report("validate/estimate")
             conditions["internal_error"] = True
@@ -352,6 +367,7 @@ class ControlCycle:
             charge_limit_a=charge_limit_a,
             discharge_limit_a=discharge_limit_a,
             balancing=balancing,
+            health=self.health.latest if self.health is not None else None,
         )
 
         # 5. actuate (also the dead-man refresh of the contactor box)
@@ -368,7 +384,8 @@ class ControlCycle:
                 self.errors.report("balancing command")  # the front-end stops on its own
         if self.recorder is not None:
             try:
-                soh = self.estimator.capacity_ah / self.estimator.cell.capacity_ah
+                health = status.health
+                soh = health.soh if health is not None else np.full(m.cell_voltage_v.size, np.nan)
                 self.recorder.on_cycle(t_s, dt_s, m, estimate, soh)
             except Exception:
                 self.errors.report("recording the state")

@@ -79,6 +79,7 @@ def status_record(
         ),
         "stale": list(m.stale_groups),
         "frame_errors": m.frame_errors,
+        **health_summary(status.health),
         "cycle_time_mean_s": cycle_time_mean_s,
         "cycle_time_max_s": cycle_time_max_s,
         "missed_cycles": missed_cycles,
@@ -108,6 +109,16 @@ def sample_record(m: Measurement, estimate: Estimate, active_faults) -> dict[str
         "soc": _plain(estimate.soc),
         "active_faults": list(active_faults),
     }
+
+
+def health_summary(health) -> dict[str, Any]:
+    """The weakest cell's state of health (bms.health.service.PackHealth, or None): SOH as a
+    fraction of nominal and its cell (counting from 1), the largest resistance growth."""
+    if health is None:
+        return {"soh_min": math.nan, "soh_min_cell": None, "resistance_growth_max": math.nan}
+    soh, soh_cell = _extreme(health.soh, np.nanargmin)
+    growth, _ = _extreme(health.resistance_growth, np.nanargmax)
+    return {"soh_min": soh, "soh_min_cell": soh_cell, "resistance_growth_max": growth}
 
 
 def to_json(record: dict[str, Any]) -> str:

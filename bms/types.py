@@ -130,6 +130,8 @@ class PackStatus:
     discharge_limit_a: float
     balancing: np.ndarray | None = None
     """Cells bleeding this cycle (n_cells,), or None where balancing is off."""
+    health: object | None = None
+    """The newest state of health (bms.health.service.PackHealth), or None."""
 
     @property
     def soc(self) -> np.ndarray:

@@ -244,6 +244,13 @@ FAULT_TABLE: tuple[FaultSpec, ...] = (
         "than 5 degC): its SOC and state of power come from the nearest table row",
     ),
     FaultSpec(
+        "soh_disagreement",
+        Action.WARN,
+        "a cell's capacity from the SOH model and from the online estimator are further apart "
+        "than their combined uncertainty allows: one of them is wrong (bms/health)",
+        debounce_cycles=1,
+    ),
+    FaultSpec(
         "latch_store_write_failed",
         Action.NO_CLOSE,
         "the latched faults could not be written to disk (retried every second)",

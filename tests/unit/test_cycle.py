@@ -385,3 +385,39 @@ def test_a_failure_of_protection_itself_cannot_be_cleared_live(cycle, monkeypatc
     assert answer["refused"] == {
         "internal_error": "protection itself failed in this run: restart the service"
     }
+
+
+def test_the_health_service_is_fed_and_its_disagreement_is_a_warning(make_config):
+    """The cycle offers each sample to the state-of-health service and publishes its newest
+    result; an ML and an online capacity that disagree warn (nothing opens)."""
+    from types import SimpleNamespace
+
+    class Health:
+        def __init__(self):
+            self.offers = []
+            self.latest = None
+
+        def offer(self, t_s, current_a, cell_voltage_v, cell_temp_c, soc, soc_std):
+            self.offers.append((t_s, current_a, cell_voltage_v.size, soc.size))
+
+    config = load_config(make_config({"pack": {"n_cells": 4, "n_temp_sensors": 2}}))
+    frontend, health = FakeFrontEnd(4), Health()
+    cycle = ControlCycle(
+        config,
+        load_cell_params(config.pack.cell_params),
+        frontend,
+        FakeBox(frontend.calls),
+        None,
+        health=health,
+    )
+    run(cycle, 10)
+    assert health.offers[-1] == (0.9, -1.0, 4, 4)
+    health.latest = SimpleNamespace(
+        disagree=np.array([False, True, False, False]),
+        soh=np.array([0.95, 0.9, 0.97, np.nan]),
+        resistance_growth=np.array([1.1, 1.3, 1.0, np.nan]),
+    )
+    status = run(cycle, 2, t0_s=1.0)
+    assert "soh_disagreement" in status.active_faults
+    assert status.contactors is ContactorState.CLOSED
+    assert status.health is health.latest
