@@ -23,6 +23,13 @@ from bms.comms.dbc import DbcError
 from bms.config import BackendChoice, BmsConfig, ConfigError, load_config
 from bms.estimation.cell_params import CellParamsError, load_cell_params
 from bms.estimation.estimator import warm_up
+from bms.exit_codes import (
+    EXIT_CONTACTORS_NOT_CONFIRMED_OPEN,
+    EXIT_LOOP_FAILED,
+    EXIT_OK,
+    EXIT_SETUP_FAILED,
+    EXIT_USAGE_ERROR,
+)
 from bms.health.runner import SohModel
 from bms.health.service import HealthService
 from bms.loop import ControlCycle, CycleTiming, RateKeeper
@@ -41,11 +48,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_OPEN_TIMEOUT_S = 2.0
 """How long shutdown waits for the feedback to confirm that every relay opened."""
 
-EXIT_OK = 0
-EXIT_CONTACTORS_NOT_CONFIRMED_OPEN = 1
-EXIT_USAGE_ERROR = 2
-EXIT_SETUP_FAILED = 3
-EXIT_LOOP_FAILED = 4
 
 SETUP_ERRORS = (
     FrontEndError,
@@ -144,12 +146,13 @@ class LoopRunner:
                 "%.1f s; starting anyway, so the missing signals become faults",
                 config.loop.startup_timeout_s,
             )
-        rate = RateKeeper(config.loop.period_s, config.loop.lag_limit_s)
-        timing = CycleTiming()
-        worst_overall_s = 0.0
         applied = set_up_loop_thread(config.service.realtime_priority, config.service.cpu_affinity)
         if config.service.freeze_gc:
             freeze_heap()
+        # after the set-up above, which takes time: the first deadline is from here
+        rate = RateKeeper(config.loop.period_s, config.loop.lag_limit_s)
+        timing = CycleTiming()
+        worst_overall_s = 0.0
         start_s, _ = rate.wait()
         self.endpoint.start_s = start_s
         next_report_s = start_s

@@ -17,8 +17,14 @@ import queue
 import sys
 from pathlib import Path
 
-from bms import app, backends
-from bms.config import SIM_BACKEND, ConfigError, load_config, load_contactor_config
+from bms import backends, exit_codes
+from bms.config import (
+    SIM_BACKEND,
+    ConfigError,
+    load_config,
+    load_contactor_config,
+    load_tool_config,
+)
 from bms.health import command as health_command
 from bms.service import tools
 from bms.service.journal import JournalHandler, journal_wanted
@@ -36,12 +42,24 @@ def _fault_kinds_help() -> str:
     return "fault kinds for --inject:\n" + "\n".join(lines)
 
 
+FAULT_KINDS_EPILOG = "(fault kinds)"
+"""Placeholder for the simulator's fault kinds, filled in only when that help is shown: finding
+them loads the simulator (Numba, the kernels), which `bms status` must not wait for."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        if self.epilog == FAULT_KINDS_EPILOG:
+            self.epilog = _fault_kinds_help()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bms", description="Battery-management runtime.")
+    parser = _Parser(prog="bms", description="Battery-management runtime.")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add_loop_options(sub: argparse.ArgumentParser, default_config: str | None) -> None:
         sub.add_argument(
@@ -69,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser(
         "sim",
         help="run the control loop on the simulated pack",
-        epilog=_fault_kinds_help(),
+        epilog=FAULT_KINDS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_loop_options(sim, DEFAULT_SIM_CONFIG)
@@ -84,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     plant = commands.add_parser(
         "plant",
         help="run only the simulated pack on the configured bus (the BMS runs elsewhere)",
-        epilog=_fault_kinds_help(),
+        epilog=FAULT_KINDS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     plant.add_argument("--config", required=True, help="TOML config file with a [sim] section")
@@ -191,12 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     path = args.file if args.command == "check-config" else args.config
     if path is None:  # status and faults
         path = tools.default_config()
-    loader = load_contactor_config if args.command == "failsafe" else load_config
+    loaders = {
+        "failsafe": load_contactor_config,
+        "status": load_tool_config,
+        "faults": load_tool_config,
+    }
+    loader = loaders.get(args.command, load_config)
     try:
         config = loader(path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
-        return app.EXIT_USAGE_ERROR
+        return exit_codes.EXIT_USAGE_ERROR
 
     if args.command == "check-config":
         print(json.dumps(config.summary(), indent=2))
@@ -206,10 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return tools.status(config, args.json)
     if args.command == "failsafe":
+        from bms import app
+
         return app.failsafe(config, args.hold_s)
     if args.command in ("sim", "plant") and config.sim is None:
         print(f"{config.source}: `bms {args.command}` needs a [sim] section", file=sys.stderr)
-        return app.EXIT_USAGE_ERROR
+        return exit_codes.EXIT_USAGE_ERROR
+    from bms import app  # the loop's imports (Numba, the kernels) only where a loop runs
+
     stop = app.StopRequest()
     stop.install()
     if args.command == "plant":
@@ -234,10 +261,10 @@ def _identify(args: argparse.Namespace) -> int:
         cell = identify(args.ocv, args.hppc, args.out, args.name or args.out.name, args.force)
     except (CsvError, FitError, FileExistsError, CellParamsError) as exc:
         print(f"bms identify: {exc}", file=sys.stderr)
-        return app.EXIT_USAGE_ERROR
+        return exit_codes.EXIT_USAGE_ERROR
     except OSError as exc:
         print(f"bms identify: cannot write {args.out}: {exc}", file=sys.stderr)
-        return app.EXIT_SETUP_FAILED
+        return exit_codes.EXIT_SETUP_FAILED
     print(f"wrote {args.out}: {describe(cell)}")
     return 0
 
@@ -256,20 +283,20 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for output in filter(None, (args.out, args.plot)):
         if output.is_dir() or not output.parent.is_dir():
             print(f"bms replay: cannot write {output}: no such directory", file=sys.stderr)
-            return app.EXIT_USAGE_ERROR
+            return exit_codes.EXIT_USAGE_ERROR
     try:
         cell = load_cell_params(args.params)
         log = replay.read_log(args.input)
     except (CsvError, CellParamsError, ValueError) as exc:
         print(f"bms replay: {exc}", file=sys.stderr)
-        return app.EXIT_USAGE_ERROR
+        return exit_codes.EXIT_USAGE_ERROR
     warm_up(cell)
     result = replay.replay(cell, log, args.initial_soc, std)
     try:
         replay.write_estimates(args.out, result)
     except OSError as exc:
         print(f"bms replay: cannot write {args.out}: {exc}", file=sys.stderr)
-        return app.EXIT_SETUP_FAILED
+        return exit_codes.EXIT_SETUP_FAILED
     print(f"wrote {args.out}: {result.time_s.size} rows")
     scores = result.errors()
     if scores is not None:
@@ -284,10 +311,10 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(
                 "bms replay: --plot needs matplotlib (pip install 'pybms[plot]')", file=sys.stderr
             )
-            return app.EXIT_SETUP_FAILED
+            return exit_codes.EXIT_SETUP_FAILED
         except OSError as exc:
             print(f"bms replay: cannot write {args.plot}: {exc}", file=sys.stderr)
-            return app.EXIT_SETUP_FAILED
+            return exit_codes.EXIT_SETUP_FAILED
         print(f"wrote {args.plot}")
     return 0
 

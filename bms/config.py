@@ -28,6 +28,7 @@ from bms.schema import (
     StrictModel,
     describe_errors,
     load_model,
+    read_toml,
     suggest,
 )
 
@@ -442,6 +443,31 @@ def load_contactor_config(path: str | Path) -> BmsConfig:
         publisher=None,
         sim=None,
     )
+
+
+class ToolConfig(BaseModel):
+    """What ``bms status`` and ``bms faults`` need of a config file: where the service listens
+    and where it keeps its latches and its store. Read without the backends, so the tools start
+    in a fraction of a second; everything else in the file is ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    source: Path
+    protection: ProtectionConfig
+    service: ServiceConfig = ServiceConfig()
+    store: StoreConfig | None = None
+
+
+def load_tool_config(path: str | Path) -> ToolConfig:
+    path = Path(path)
+    try:
+        raw = read_toml(path)
+    except SchemaError as exc:
+        raise ConfigError(exc.problems) from None
+    context: dict[str, Any] = {"base_dir": path.parent.resolve()}
+    try:
+        return ToolConfig.model_validate({**raw, "source": path.resolve()}, context=context)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(path, ToolConfig, exc, ())) from None
 
 
 def _load_limits(path: Path, parsed: FileConfig, problems: list[str]) -> LimitSet | None:

@@ -37,6 +37,10 @@ FAULT_IDS = frozenset(
 )
 """Every fault this machine can find (diagnosis-table ids)."""
 
+CHARGED_LINK_RATIO = 0.1
+"""A link above this share of the pack voltage when a precharge starts is not judged by
+precharge_min_s: from there a sound precharge is quick too."""
+
 PRECHARGING = RelayStates(negative=True, precharge=True, positive=False)
 BRIDGING = RelayStates(negative=True, precharge=True, positive=True)
 CLOSED = RelayStates(negative=True, precharge=False, positive=True)
@@ -104,10 +108,9 @@ class ContactorStateMachine:
                 self._enter(ContactorState.FAULT, t_s, ALL_OPEN)
             elif close_requested and not no_close and follows:
                 self._step = _Step.CHARGE_LINK
-                # A link already at pack voltage (a charger holds it) may "precharge" at once.
-                self._link_was_charged = _balanced(
-                    link_voltage_v, pack_voltage_v, self.config.precharge_ratio
-                )
+                # A link that is charged already (a charger holds it, or it has not bled
+                # down since the last opening) may "precharge" fast: speed says nothing then.
+                self._link_was_charged = link_voltage_v > CHARGED_LINK_RATIO * pack_voltage_v
                 self._enter(ContactorState.PRECHARGE, t_s, PRECHARGING)
 
         elif state is ContactorState.PRECHARGE:

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from bms.config import DEFAULT_CONFIG_PATHS, BmsConfig
+from bms.config import DEFAULT_CONFIG_PATHS, ToolConfig
 from bms.service.control import ControlError, request
 from bms.store import utc_now_iso
 from bms.store.latches import LatchStore, LatchStoreBusy, person
@@ -36,7 +36,7 @@ def default_config() -> str:
     return DEFAULT_CONFIG_PATHS[-1]
 
 
-def _ask(config: BmsConfig, message: dict) -> dict | None:
+def _ask(config: ToolConfig, message: dict) -> dict | None:
     """The service's answer, or None when no service runs on this config."""
     path = config.service.control_socket
     if path is None:
@@ -49,7 +49,7 @@ def _ask(config: BmsConfig, message: dict) -> dict | None:
         return None
 
 
-def status(config: BmsConfig, as_json: bool) -> int:
+def status(config: ToolConfig, as_json: bool) -> int:
     path = config.service.control_socket
     if path is None:
         print(f"{config.source}: [service] control_socket is not set", file=sys.stderr)
@@ -108,7 +108,7 @@ def format_status(answer: dict) -> str:
     return "\n".join(lines)
 
 
-def faults(config: BmsConfig, action: str, fault_ids: list[str]) -> int:
+def faults(config: ToolConfig, action: str, fault_ids: list[str]) -> int:
     try:
         answer = _ask(
             config,
@@ -159,7 +159,7 @@ def _print_faults(latched: list[dict], log: list[dict], source: str) -> None:
         print(f"  {entry['latched_utc']}  {entry['fault_id']}  {cleared}")
 
 
-def _list_offline(config: BmsConfig) -> int:
+def _list_offline(config: ToolConfig) -> int:
     latched = LatchStore(config.protection.latch_file).load()
     log = []
     if config.store is not None and config.store.path.exists():
@@ -187,7 +187,7 @@ def _may_clear_here(admin_group: str | None) -> str | None:
     return f"clearing latched faults needs root or membership of the group {admin_group!r}"
 
 
-def _clear_offline(config: BmsConfig, fault_ids: list[str]) -> int:
+def _clear_offline(config: ToolConfig, fault_ids: list[str]) -> int:
     """No BMS runs: clear in both copies of the latched set (the latch file and the store's),
     all of it under the latch file's lock, so a BMS that starts meanwhile waits for neither
     half; the next start sees the causes again itself."""

@@ -114,6 +114,7 @@ class SimulatedPack(Simulator):
         self._bus = open_bus(self.can_config)
 
     def start(self) -> None:
+        self.plant.terminal_voltage_v(0.0)  # load the model's kernels now, not in its first step
         self.attach()
         self._thread = threading.Thread(target=self._run, name="sim-pack", daemon=True)
         self._thread.start()
