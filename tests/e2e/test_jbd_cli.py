@@ -28,8 +28,8 @@ def jbd_config(make_config, port: str):
         {
             "pack": {"n_cells": len(CELLS_V), "n_temp_sensors": len(TEMPS_C)},
             "loop": {"status_interval_s": 0.1},
-            # a JBD has no DC-link voltage: the precharge waits (and does not time out here)
-            "control": {"precharge_timeout_s": 60.0},
+            # a JBD has no DC-link voltage: a timed precharge (config/jbd.toml)
+            "control": {"precharge_time_s": 0.5, "precharge_min_s": None},
             "protection": {"insulation_warning_kohm": None, "insulation_error_kohm": None},
             "balancing": {"enabled": False},
             "frontend": None,
@@ -84,7 +84,7 @@ def test_jbd_cells_arrive_and_an_over_voltage_latches_and_opens(make_config):
         assert r["current_a"] == pytest.approx(0.5)  # charging, as the JBD reports it
         assert r["pack_voltage_v"] == pytest.approx(sum(CELLS_V), abs=0.006)
         assert r["link_voltage_v"] is None and r["stale"] == [] and r["latched"] == []
-    assert before[-1]["contactors"] == "precharge"  # relays closed through the precharge path
+    assert before[-1]["contactors"] == "closed"  # after the timed precharge
 
     after = [r for r in records if r["t_s"] >= OVER_VOLTAGE_AT_S]
     high = [r for r in after if r["cell_voltage_max_v"] == pytest.approx(OVER_VOLTAGE_V)]
