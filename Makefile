@@ -47,9 +47,25 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python $(VENV)/.system-tools
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed-run
+
+# Tools the tests call (the installer's shellcheck, the unit's systemd-analyze); installed with
+# apt when we may, else named. The qemu guest's own packages are set up by tests/kernel/setup.sh.
+SYSTEM_TOOLS := shellcheck:shellcheck systemd-analyze:systemd
+$(VENV)/.system-tools: | $(BIN)/python
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "error: the tests need$$missing (sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info mutants
