@@ -71,7 +71,8 @@ class ContactorStateMachine:
         self.command = ALL_OPEN
         self.faults: set[str] = set()
         self._step = _Step.CHARGE_LINK
-        self._since_s: float | None = None
+        self._since_s = 0.0
+        self._first_step = True
         self._link_was_charged = False
         self._watch_link_decay = False
 
@@ -86,7 +87,8 @@ class ContactorStateMachine:
         link_voltage_v: float,
     ) -> ContactorOutput:
         """Advance one cycle and return the state and the relay command for this cycle."""
-        if self._since_s is None:
+        if self._first_step:  # the start state's time counts from the first step
+            self._first_step = False
             self._since_s = t_s
         in_state_s = t_s - self._since_s
         settle_s = self.config.relay_settle_s

@@ -69,9 +69,8 @@ class ChargeCrossCheck:
         self._restart()
 
     def _restart(self) -> None:
+        """The next good sample opens a window, which only settles the filter."""
         self._start_soc = math.nan
-        self._elapsed_s = 0.0
-        self._counted_as = 0.0
         self._settled = False
 
     def update(self, current_a: float, estimate: Estimate, dt_s: float) -> bool | None:
@@ -85,6 +84,8 @@ class ChargeCrossCheck:
             return None
         if math.isnan(self._start_soc):
             self._start_soc = mean_soc
+            self._elapsed_s = 0.0
+            self._counted_as = 0.0
             return self._verdict
         self._elapsed_s += dt_s
         self._counted_as += current_a * dt_s

@@ -175,12 +175,17 @@ def test_weld_in_open_goes_to_fault_with_all_open():
     out = fsm.step(0.25, False, False, False, closed, PACK, PACK)  # exactly settle
     assert out.state is ContactorState.FAULT and out.command == ALL_OPEN
     assert out.faults == frozenset({"contactor_weld"})
+    out = fsm.step(0.375, False, False, False, closed, PACK, PACK)  # and held in FAULT
+    assert out.state is ContactorState.FAULT and out.command == ALL_OPEN
 
 
 def test_open_now_in_open_goes_to_fault():
     fsm = ContactorStateMachine(CFG)
     out = fsm.step(0.0, True, True, False, fb(ALL_OPEN), PACK, 0.0)
     assert out.state is ContactorState.FAULT
+    # held there while latched, its time counted from that step (the weld check uses it)
+    out = fsm.step(DT, True, True, False, fb(RelayStates(positive=True)), PACK, 0.0)
+    assert out.state is ContactorState.FAULT and out.faults == {"contactor_weld"}
 
 
 class Box:
@@ -399,3 +404,161 @@ def test_insulation_and_interlock_that_cannot_be_read_are_unknown_not_clean():
 def test_packs_without_monitor_or_loop_have_no_such_conditions():
     c = measurement_conditions(meas(), PROT, np.zeros(4, bool), interlock_closed=False)
     assert not {"insulation_invalid", "insulation_warning", "interlock_open"} & set(c)
+
+
+# ---------- the checks added with the service work: exact boundaries (times in 1/8 s)
+CHECKS = CFG.model_copy(update={"precharge_min_s": 0.5, "link_decay_s": 1.0})
+
+
+class LinkBox(Box):
+    """Box whose link charges at ``rate`` of the pack voltage per cycle while precharging and
+    stays where it is after an opening (``held``) or falls to ``rest_v``."""
+
+    def __init__(self, rate=1.0, held=False, rest_v=0.0, start_v=0.0):
+        super().__init__()
+        self.rate, self.held, self.rest_v, self.link = rate, held, rest_v, start_v
+
+    def obey(self, c):
+        self.relays = RelayStates(c.negative, c.precharge, c.positive)
+        if c.negative and c.positive:
+            self.link = PACK
+        elif c.negative and c.precharge:
+            self.link = min(PACK, self.link + self.rate * PACK)
+        elif not self.held:
+            self.link = self.rest_v
+
+
+def precharge_takes(cycles_to_charge: int) -> set[str]:
+    """Faults of a close whose link reaches the ratio after that many cycles (1/8 s each)."""
+    fsm, box = ContactorStateMachine(CHECKS), LinkBox(rate=1.0 / cycles_to_charge)
+    return drive(fsm, box, times(20))[-1][3]
+
+
+def test_a_precharge_of_exactly_precharge_min_s_is_not_too_fast():
+    # the link is seen charged n cycles (of 1/8 s) after the precharge began
+    assert precharge_takes(4) == frozenset()  # 0.5 s: exactly precharge_min_s, not too fast
+    assert precharge_takes(3) == {"precharge_too_fast"}  # 0.375 s
+
+
+def test_the_link_check_falls_exactly_at_link_decay_s_and_exactly_at_its_ratio():
+    def faults_after_opening(held_v: float, cycles: int) -> frozenset[str]:
+        fsm, box = ContactorStateMachine(CHECKS), LinkBox(rate=0.25)  # charged in 0.5 s
+        log = drive(fsm, box, times(10))
+        assert log[-1][1] is ContactorState.CLOSED
+        box.held, box.rest_v = False, held_v
+        return drive(fsm, box, times(cycles, t0=10 * DT), close=False)[-1][3]
+
+    # opened in the cycle at 1.25 s, confirmed open at 1.375 s; judged 1 s later, at 2.375 s
+    assert faults_after_opening(0.5 * PACK + 1.0, 9) == frozenset()  # 2.25 s: not yet
+    assert faults_after_opening(0.5 * PACK + 1.0, 10) == {"link_voltage_held"}
+    assert faults_after_opening(0.5 * PACK, 12) == frozenset()  # exactly at the ratio: fallen
+    assert faults_after_opening(0.3 * PACK, 12) == frozenset()  # a ratio of the pack voltage
+
+
+def test_a_link_at_exactly_the_charged_share_is_judged_by_speed():
+    from bms.protection.contactors import CHARGED_LINK_RATIO
+
+    fsm, box = ContactorStateMachine(CHECKS), LinkBox(rate=1.0, start_v=CHARGED_LINK_RATIO * PACK)
+    box.rest_v = CHARGED_LINK_RATIO * PACK  # it stays there until the precharge starts
+    assert drive(fsm, box, times(20))[-1][3] == {"precharge_too_fast"}
+
+
+def test_the_reasons_a_contactor_fault_stays_latched_are_stated_exactly():
+    fsm = ContactorStateMachine(CHECKS)
+    closed = ContactorFeedback(RelayStates(positive=True), valid=True)
+    assert fsm.cause_gone("contactor_weld", closed, PACK, 0.0) == (
+        "the contactor feedback does not show every relay open"
+    )
+    assert fsm.cause_gone("link_voltage_held", fb(ALL_OPEN), PACK, PACK) == (
+        "the DC link is still charged (or its voltage is unknown)"
+    )
+
+
+def test_a_latch_restored_at_start_stays_active_while_its_counter_drains():
+    d = Diagnosis(DiagnosisConfig(debounce_cycles=3), latched=["cell_voltage_high_msl"])
+    for _ in range(5):  # 3 - 5 x 0.5 = 0.5 left
+        verdict = d.update({"cell_voltage_high_msl": False}, 0.1)
+        assert "cell_voltage_high_msl" in verdict.active
+    assert d.cause_present("cell_voltage_high_msl")  # 0.5 left of the counter
+    assert "cell_voltage_high_msl" not in d.update({"cell_voltage_high_msl": False}, 0.1).active
+
+
+def test_a_cause_seen_once_below_its_debounce_is_present_for_a_clear():
+    d = Diagnosis(DiagnosisConfig(debounce_cycles=3, open_delay_s=0.0))
+    for _ in range(3):
+        d.update({"cell_voltage_high_msl": True}, 0.1)
+    for _ in range(6):
+        d.update({"cell_voltage_high_msl": False}, 0.1)
+    assert not d.cause_present("cell_voltage_high_msl")
+    verdict = d.update({"cell_voltage_high_msl": True}, 0.1)  # once: counter 1 of 3
+    assert "cell_voltage_high_msl" not in verdict.active
+    assert d.cause_present("cell_voltage_high_msl")
+
+
+def test_clearing_a_fault_that_is_not_latched_changes_nothing():
+    d = Diagnosis(DiagnosisConfig())
+    d.clear("short_circuit")
+    assert d.update({}, 0.1).latched == ()
+
+
+def test_charge_check_boundaries():
+    from bms.protection.plausibility import ChargeCrossCheck
+
+    check = ChargeCrossCheck(window_s=100.0, capacity_ah=1.0, tolerance_a=0.5)
+    assert math.isnan(check.apparent_error_a)
+    # an estimate exactly at the sigma limit is sure; half-second steps count as half
+    verdicts = []
+    soc = 0.25
+    for k in range(401):
+        soc = 0.25 + 0.125 * max(0, k - 200) / 200  # window 2 (steps 200..400): +0.125
+        verdicts.append(check.update(4.0, estimate_of([soc] * 2, soc_std=0.05), 0.5))
+    # window 2: implied 0.125 x 3600 As = 450 As, counted 4 A x 100 s = 400 As: 0.5 A exactly
+    assert check.apparent_error_a == 0.5
+    assert verdicts[-1] is False  # at the tolerance: not beyond it
+    assert verdicts[300] is None  # the first window only settles: no verdict, not ""
+    # after an unsure estimate the next window settles again, and says nothing meanwhile
+    assert check.update(4.0, estimate_of([soc] * 2, soc_std=0.2), 0.5) is None
+    assert check.update(4.0, estimate_of([soc] * 2, soc_std=0.05), 0.5) is None
+    assert check.update(4.0, estimate_of([soc] * 2, soc_std=0.05), 0.5) is None
+
+
+def test_graded_discharge_temperature_rows_are_clean_not_unknown_while_discharging():
+    m = meas(t=(60.0, 25.0), i=-5.0)  # above the charge MSL (55), below discharge MSL (65)
+    conditions = graded_conditions(m, LIMITS, 1, 0.5)
+    assert conditions["temp_high_discharge_msl"] is False
+    assert conditions["temp_high_charge_msl"] is False
+    cold = graded_conditions(meas(t=(-5.0, 25.0), i=-5.0), LIMITS, 1, 0.5)
+    assert cold["temp_low_discharge_msl"] is False and cold["temp_low_charge_msl"] is False
+
+
+def test_redundant_current_exactly_at_the_tolerance_is_not_a_mismatch():
+    prot = PROT.model_copy(
+        update={"redundant_current_tolerance_a": 1.0, "redundant_current_tolerance_fraction": 0.25}
+    )
+    m = Measurement(1.0, np.full(4, 3.5), np.full(2, 25.0), -4.0, 14.0, 14.0)
+    m.redundant_current_a = -6.0  # 1 A + 25 % of 4 A = 2 A apart: exactly the band
+    assert measurement_conditions(m, prot, np.zeros(4, bool))["current_mismatch"] is False
+    m.redundant_current_a = -6.0625
+    assert measurement_conditions(m, prot, np.zeros(4, bool))["current_mismatch"] is True
+
+
+def test_graded_quantities_are_read_off_the_limit_set_fields():
+    """Computed once at import (so mutation testing only reaches them through a call)."""
+    from bms.protection.limits import LimitSet, _graded_quantities
+
+    quantities = _graded_quantities()
+    assert [q.field for q in quantities] == [
+        name for name in LimitSet.model_fields if name not in ("name", "description")
+    ]
+    by_field = {q.field: q for q in quantities}
+    assert by_field["cell_voltage_high_v"].fault_prefix == "cell_voltage_high"
+    assert by_field["cell_voltage_high_v"].label == "highest cell voltage"
+    assert (by_field["temp_spread_c"].plausible_min, by_field["temp_spread_c"].plausible_max) == (
+        0.1,
+        100.0,
+    )
+    assert {q.fault_prefix for q in quantities} == {
+        "cell_voltage_high", "cell_voltage_low", "temp_high_charge", "temp_low_charge",
+        "temp_high_discharge", "temp_low_discharge", "charge_current", "discharge_current",
+        "temp_spread", "cell_voltage_spread",
+    }  # fmt: skip

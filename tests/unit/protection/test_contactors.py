@@ -337,6 +337,13 @@ def test_a_timed_precharge_closes_after_its_time_without_a_link_voltage():
     first_precharging = commands.index(RelayStates(True, True, False))
     # precharging entered at its cycle; bridging 0.5 s (5 cycles) later, not before
     assert first_bridging - first_precharging == 5
+    # then, as from a measured link: positive closed, precharge opened, each confirmed
+    after = list(zip(states, commands, strict=True))[first_bridging : first_bridging + 3]
+    assert after == [
+        (ContactorState.PRECHARGE, RelayStates(True, True, True)),
+        (ContactorState.PRECHARGE, RelayStates(True, False, True)),
+        (ContactorState.CLOSED, RelayStates(True, False, True)),
+    ]
 
 
 def test_timed_precharge_is_refused_next_to_checks_that_need_a_link_voltage():
