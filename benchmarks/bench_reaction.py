@@ -118,18 +118,22 @@ def main() -> int:
     data = tomllib.loads(base.read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # Same config, but absolute paths, its own latch file and a steady discharge.
+        # Same config, but absolute paths, its own latch file, store and control socket (each
+        # run must start with nothing latched) and a steady discharge.
         data["pack"]["cell_params"] = str((base.parent / data["pack"]["cell_params"]).resolve())
         data["can"]["dbc_file"] = str((base.parent / data["can"]["dbc_file"]).resolve())
         data["protection"]["limits"] = str((base.parent / data["protection"]["limits"]).resolve())
         data["protection"]["latch_file"] = str(Path(tmp) / "latched.json")
+        data["store"] = {"path": str(Path(tmp) / "state.sqlite")}
+        data["service"] = {"control_socket": str(Path(tmp) / "control.sock")}
         data["sim"]["load"] = {"profile": "constant", "current_a": -10.0}
         config_path = Path(tmp) / "reaction.toml"
         config_path.write_text(tomli_w.dumps(data))
         config = load_config(config_path)
         period_s = config.loop.period_s
         for kind, inject, fault_id, needs_s in CASES:
-            (Path(tmp) / "latched.json").unlink(missing_ok=True)
+            for name in ("latched.json", "state.sqlite", "state.sqlite-wal", "state.sqlite-shm"):
+                (Path(tmp) / name).unlink(missing_ok=True)
             row = config.diagnosis.row(fault_id)
             delay_s = 0.0 if FAULTS[fault_id].action is Action.OPEN_NOW else row.open_delay_s
             budget_s = needs_s(config) + row.debounce_cycles * period_s + delay_s + 2 * period_s
