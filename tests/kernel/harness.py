@@ -118,7 +118,7 @@ def prepare_share() -> None:
     SHARE.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:
         (SHARE / name).unlink(missing_ok=True)
-    for directory in ("logs", "warm-numba"):
+    for directory in ("logs", "warm-numba", "systemd"):
         shutil.rmtree(SHARE / directory, ignore_errors=True)
 
 
@@ -181,15 +181,26 @@ def guest_pytest_script(pytest_args: list[str]) -> str:
     )
 
 
-def boot(image: GuestImage, script: str, timeout_s: float = BOOT_TIMEOUT_S) -> GuestRun:
+def boot(
+    image: GuestImage,
+    script: str,
+    timeout_s: float = BOOT_TIMEOUT_S,
+    extra_cmdline: str = "",
+    console_name: str = "console.log",
+) -> GuestRun:
     """Boot the guest once, run ``script`` in it (as root, in the host's root file system,
-    read-only, with ``SHARE`` writable) and wait for it to power off, at most ``timeout_s``."""
+    read-only, with ``SHARE`` writable) and wait for it to power off, at most ``timeout_s``.
+
+    ``extra_cmdline`` is appended to the kernel command line (``PYBMS_GUEST_INIT=systemd``
+    makes ``script`` a preparation after which systemd boots, see init.sh); the console is kept
+    in ``CACHE / console_name``."""
     (SHARE / "exit_code").unlink(missing_ok=True)
     (SHARE / "run.sh").write_text(script)
     addresses = ",".join(f"0x{address:02x}" for address in I2C_STUB_ADDRESSES)
     cmdline = (
         f"console=ttyS0 panic=-1 loglevel=4 PYBMS_SHARE={SHARE} PYBMS_I2C_STUB_ADDRS={addresses}"
-    )
+        f" {extra_cmdline}"
+    ).strip()
     command = [
         image.qemu,
         "-accel",
@@ -216,7 +227,7 @@ def boot(image: GuestImage, script: str, timeout_s: float = BOOT_TIMEOUT_S) -> G
         "-virtfs",
         f"local,path={SHARE},mount_tag=share,security_model=none,multidevs=remap",
     ]
-    console_path = CACHE / "console.log"
+    console_path = CACHE / console_name
     start_s = time.monotonic()
     timed_out = False
     with console_path.open("wb") as console:

@@ -8,7 +8,11 @@
 # at power-off. Only the read-write share, mounted on top at the path it has on the host,
 # reaches the host. Runs $PYBMS_SHARE/run.sh there, writes its exit code to
 # $PYBMS_SHARE/exit_code and powers off. Kernel command-line KEY=value entries arrive here as
-# environment variables: PYBMS_SHARE (required) and PYBMS_I2C_STUB_ADDRS.
+# environment variables: PYBMS_SHARE (required), PYBMS_I2C_STUB_ADDRS and PYBMS_GUEST_INIT.
+#
+# With PYBMS_GUEST_INIT=systemd, run.sh only prepares that root (units, users, config); then
+# this script hands PID 1 to the host's systemd on it (switch_root), which boots the unit named
+# by systemd.unit= on the command line; that unit writes exit_code and powers the guest off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 
@@ -56,6 +60,14 @@ chroot /newroot /usr/bin/env -i \
   PYBMS_KERNEL_GUEST=1 PYBMS_SHARE="$PYBMS_SHARE" \
   /bin/sh "$PYBMS_SHARE/run.sh"
 rc=$?
+if [ "$PYBMS_GUEST_INIT" = systemd ] && [ "$rc" = 0 ]; then
+  t "root prepared; systemd takes over as PID 1"
+  # switch_root moves /newroot (with the mounts under it) to /, frees the initramfs and execs
+  # systemd as PID 1. If it cannot, PID 1 ends: the kernel panics and qemu exits (panic=-1),
+  # with switch_root's error on the console.
+  exec switch_root /newroot /lib/systemd/systemd
+fi
+[ "$PYBMS_GUEST_INIT" = systemd ] && fail "preparing the root for systemd failed ($rc)"
 echo "PYBMS-GUEST-EXIT-CODE=$rc"
 echo "$rc" >"/newroot$PYBMS_SHARE/exit_code"
 t "done; powering off"
