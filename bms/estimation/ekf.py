@@ -42,14 +42,17 @@ ITERATE_BEYOND_SOC = 0.01
 MAX_UPDATE_ITERATIONS = 8
 ITERATION_TOLERANCE_SOC = 1e-5
 INNOVATION_GATE_SIGMA = 5.0
-"""A voltage further than this many standard deviations from the prediction is held back
+"""A voltage that lands further than this many standard deviations from the prediction, and
+got there in one step (its innovation moved by as much since the last sample), is held back
 rather than believed at once: one sample taken across a load step (cell voltages of one
 instant, the current of another) or a glitch would otherwise move the SOC a long way on a
-single reading, with a small uncertainty after it."""
+single reading, with a small uncertainty after it. An innovation that grew there slowly is the
+model drifting from the cell (cold, aged): holding it back would only let the error grow, so
+it is taken."""
 GATE_HOLD_S = 1.0
-"""A cell's readings stay gated at most this long in a row: a voltage that stays far from the
-prediction is the truth (the state is wrong), and from then on it is taken, every sample, until
-one falls inside the gate again."""
+"""A cell's readings stay held back at most this long in a row: a voltage that stays far from
+the prediction is the truth (the state is wrong), and from then on it is taken, every sample,
+until one falls inside the gate again."""
 UNKNOWN_CURRENT_C_RATE = 1.0
 """While the current is NaN, the SOC's standard deviation grows as if a current of this C-rate
 could have flowed for any share of the time: by sqrt(t / 1 h) at 1C, so 0.1 after 36 s and
@@ -122,9 +125,10 @@ def ekf_step(
     tables, tuning: the fields of EcmTables and EkfTuning as plain tuples (a named tuple
     costs microseconds per call just to type). capacity_ah, previous_current_a, current_a (cell
     currents, A, positive charging; the previous sample's and this one's), voltage_v, temp_c:
-    (n_cells,). x: (n_cells, 3) and p: (n_cells, 3, 3), updated in place. Writes
-    innovation_v (measured minus predicted voltage, NaN where the update was skipped) and
-    innovation_std_v (its predicted standard deviation), both (n_cells,).
+    (n_cells,). x: (n_cells, 3) and p: (n_cells, 3, 3), updated in place. update:
+    (n_cells, 3), read and written, carried from call to call: per cell the innovation (measured
+    minus predicted voltage, V; NaN where the update was skipped), its predicted standard
+    deviation (V), and the seconds its readings have been held back in a row (the gate).
     """
     tables = EcmTables(*tables)
     tuning = EkfTuning(*tuning)
@@ -189,14 +193,21 @@ def ekf_step(
         h[1] = 1.0
         h[2] = 1.0
         s_var = _innovation_variance(p[c], h, noise_var, ph)
+        gate_var = INNOVATION_GATE_SIGMA**2 * s_var
+        # NaN after a skipped update or a restart: then any far-off reading counts as a jump
+        previous_innovation = update[c, 0]
         update[c, 0] = innovation
         update[c, 1] = math.sqrt(s_var)
-        if innovation * innovation <= INNOVATION_GATE_SIGMA**2 * s_var:
+        if innovation * innovation <= gate_var:
             update[c, 2] = 0.0
-        elif update[c, 2] < GATE_HOLD_S:
+        elif update[c, 2] < GATE_HOLD_S and (
+            update[c, 2] > 0.0
+            or math.isnan(previous_innovation)
+            or (innovation - previous_innovation) ** 2 > gate_var
+        ):
             update[c, 2] += dt_s  # held back: the prediction alone, P grown by it
             continue
-        # else: far off for GATE_HOLD_S already, and taken for as long as it stays far off
+        # else: drifted out slowly, or held for GATE_HOLD_S already: taken while it stays out
         for r in range(3):
             k[r] = ph[r] / s_var
         if abs(k[0] * innovation) < ITERATE_BEYOND_SOC:
