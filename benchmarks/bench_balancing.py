@@ -3,11 +3,13 @@
 The plant (drivers/sim/plant.py) and the BMS's own pieces (the ECM + EKF estimator and the
 balancer) are stepped together at 1 s without CAN or real time, so hours of balancing take
 seconds. The pack rests with its contactors open (the load is off), which is when a pack is
-balanced most often. The estimator sees only the pack current, not the bleed current, so the
-charge a cell bleeds reaches its SOC estimate through its voltage (the EKF's update) and the
-OCV re-initialisation after ``[soc] rest_time_s`` of rest.
+balanced most often. As in the loop, the estimator is given each bleeding cell's current
+(``[balancing] bleed_resistance_ohm``); with ``--unmodelled-bleed`` it sees only the pack
+current, and the charge a cell bleeds reaches its SOC estimate only through its voltage (the
+EKF's update) and the OCV re-initialisation after ``[soc] rest_time_s`` of rest.
 
     .venv/bin/python benchmarks/bench_balancing.py [--hours 12] [--spread 0.02]
+        [--unmodelled-bleed]
 
 Prints the true spreads against time: SOC (what the balancer equalises, with the nominal
 capacity it knows), rested voltage, and charge-to-full (what top balancing is for, which the
@@ -23,7 +25,7 @@ from pathlib import Path
 from bms.config import load_config
 from bms.estimation.cell_params import load_cell_params
 from bms.estimation.estimator import PackEstimator
-from bms.protection.balancing import Balancer
+from bms.protection.balancing import Balancer, bleed_current_a
 from bms.types import ALL_OPEN
 from drivers.sim.plant import PackPlant
 
@@ -35,6 +37,11 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "config" / "sim.toml"))
     parser.add_argument("--hours", type=float, default=12.0)
     parser.add_argument("--spread", type=float, default=0.02, help="initial SOC std deviation")
+    parser.add_argument(
+        "--unmodelled-bleed",
+        action="store_true",
+        help="do not tell the estimator the bleed current (as without bleed_resistance_ohm)",
+    )
     args = parser.parse_args()
     config = load_config(args.config)
     cell = load_cell_params(config.pack.cell_params)
@@ -45,12 +52,14 @@ def main() -> int:
         cell, n_cells, config.pack.n_temp_sensors, config.soc.rest_current_a, config.soc.rest_time_s
     )
     balancer = Balancer(config.balancing, n_cells, cell.capacity_ah)
+    resistance_ohm = None if args.unmodelled_bleed else config.balancing.bleed_resistance_ohm
     dt_s = 1.0
     stop_soc = config.balancing.stop_delta_ah / cell.capacity_ah
     print(
         f"{n_cells} cells, {cell.capacity_ah:g} Ah, bleed {options.bleed_resistance_ohm:g} ohm, "
         f"duty {config.balancing.max_duty:g}, SOC std {args.spread:g}, rest "
-        f"re-initialisation after {config.soc.rest_time_s:g} s\n"
+        f"re-initialisation after {config.soc.rest_time_s:g} s, bleed current given to the "
+        f"estimator: {'no' if resistance_ohm is None else f'yes ({resistance_ohm:g} ohm)'}\n"
     )
     print(
         "| time h | SOC spread % | rested voltage spread mV | charge-to-full spread mAh "
@@ -63,7 +72,11 @@ def main() -> int:
         t_s = step * dt_s
         readings = plant.readings()
         estimate = estimator.step(
-            readings.current_a, readings.cell_voltage_v, readings.cell_temp_c, dt_s
+            readings.current_a,
+            readings.cell_voltage_v,
+            readings.cell_temp_c,
+            dt_s,
+            bleed_current_a(plant.bleeding, readings.cell_voltage_v, resistance_ohm),
         )
         allowed = balancer.allowed(
             readings.cell_voltage_v,

@@ -27,7 +27,7 @@ from bms.config import BmsConfig
 from bms.estimation.cell_params import CellParams
 from bms.estimation.estimator import Estimate, PackEstimator
 from bms.health.service import HealthService
-from bms.protection.balancing import Balancer
+from bms.protection.balancing import Balancer, bleed_current_a
 from bms.protection.contactors import FAULT_IDS as CONTACTOR_FAULT_IDS
 from bms.protection.contactors import ContactorStateMachine
 from bms.protection.derating import CurrentLimiter
@@ -200,6 +200,8 @@ class ControlCycle:
         self._feedback = ContactorFeedback(ALL_OPEN, valid=False)
         self.limiter = CurrentLimiter(config.limits, config.derating, config.pack.n_parallel)
         self.balancer = self._balancer(config)
+        self._bleeding = np.zeros(n_cells, dtype=bool)
+        """The cells the front-end was last told to bleed: they bleed until the next cycle."""
         self.fsm = ContactorStateMachine(config.control)
         self.close_requested = config.control.close_on_start
         self.protection_failed = False
@@ -271,7 +273,13 @@ class ControlCycle:
             )
             # 3. estimate
             estimate = self.estimate = self.estimator.step(
-                m.current_a, m.cell_voltage_v, m.cell_temp_c, dt_s
+                m.current_a,
+                m.cell_voltage_v,
+                m.cell_temp_c,
+                dt_s,
+                bleed_current_a(
+                    self._bleeding, m.cell_voltage_v, self.config.balancing.bleed_resistance_ohm
+                ),
             )
             conditions.update(estimator_conditions(estimate, self.config.protection))
             if self.charge_check is not None:
@@ -380,8 +388,10 @@ class ControlCycle:
         if balancing is not None:
             try:
                 self.frontend.balance(balancing)
+                self._bleeding = balancing
             except Exception:
-                self.errors.report("balancing command")  # the front-end stops on its own
+                self._bleeding = np.zeros_like(self._bleeding)  # it stops on its own
+                self.errors.report("balancing command")
         if self.recorder is not None:
             try:
                 health = status.health
@@ -482,8 +492,9 @@ class ControlCycle:
         self.charge_check = charge_check
         self.limiter = limiter
         if self.balancer is not None and balancer is None:
+            self._bleeding = np.zeros(new.pack.n_cells, dtype=bool)
             try:  # switched off: stop bleeding now, not when the front-end times out
-                self.frontend.balance(np.zeros(new.pack.n_cells, dtype=bool))
+                self.frontend.balance(self._bleeding)
             except Exception:
                 self.errors.report("balancing command")
         self.balancer = balancer

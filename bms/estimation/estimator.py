@@ -109,14 +109,19 @@ class PackEstimator:
         cell_voltage_v: np.ndarray,
         sensor_temp_c: np.ndarray,
         dt_s: float,
+        bleed_current_a: np.ndarray | None = None,
     ) -> Estimate:
         """Advance by ``dt_s`` seconds: ``pack_current_a`` (positive charging, NaN unknown),
         cell voltages (n_cells,) and temperature sensors (n_temp_sensors,), NaN where invalid.
+        ``bleed_current_a`` (n_cells,): what each series group's balancing resistor draws out
+        of it (A, positive), a current inside the pack that the pack current does not carry.
         """
         cell_current_a = pack_current_a / self.n_parallel
         self._update_temperatures(sensor_temp_c)
         self._track_rest(cell_current_a, dt_s)
         current_a = np.full(self.x.shape[0], cell_current_a)
+        if bleed_current_a is not None:
+            current_a -= bleed_current_a / self.n_parallel
         ekf_step(
             self._tables,
             self._tuning,

@@ -38,6 +38,16 @@ class BalancingConfig(StrictModel):
     trusted_soc_std: float = Field(
         0.03, gt=0.0, le=1.0, description="above this SOC sigma the voltages decide instead"
     )
+    bleed_resistance_ohm: float | None = Field(
+        None,
+        gt=0.0,
+        le=1e6,
+        description=(
+            "each cell's balancing path (resistor plus switch), ohm: the estimator takes V / R "
+            "out of a bleeding cell, which the pack current does not show; unset, it sees the "
+            "bleed only in the voltage, late, and balancing overshoots"
+        ),
+    )
 
     @model_validator(mode="after")
     def _hysteresis(self) -> BalancingConfig:
@@ -56,6 +66,18 @@ def charge_to_remove_ah(
         return to_full_ah.max() - to_full_ah
     above_empty_ah = soc * capacity_ah
     return above_empty_ah - above_empty_ah.min()
+
+
+def bleed_current_a(
+    bleeding: np.ndarray, cell_voltage_v: np.ndarray, resistance_ohm: float | None
+) -> np.ndarray | None:
+    """What each cell's balancing resistor draws (n_cells, A, positive out of the cell) while
+    the cells in ``bleeding`` bleed, for the estimator: None while none bleeds or the
+    resistance is not configured. A NaN voltage counts as 0 A (such a cell is never bled:
+    balancing needs every cell valid)."""
+    if resistance_ohm is None or not bleeding.any():
+        return None
+    return np.where(bleeding, np.nan_to_num(cell_voltage_v), 0.0) / resistance_ohm
 
 
 class Balancer:

@@ -421,3 +421,46 @@ def test_the_health_service_is_fed_and_its_disagreement_is_a_warning(make_config
     assert "soh_disagreement" in status.active_faults
     assert status.contactors is ContactorState.CLOSED
     assert status.health is health.latest
+
+
+class BalancingFrontEnd(FakeFrontEnd):
+    supports_balancing = True
+
+    def __init__(self, n_cells: int):
+        super().__init__(n_cells)
+        self.commands: list[np.ndarray] = []
+
+    def balance(self, cells):
+        self.commands.append(cells.copy())
+
+
+def test_the_estimator_is_told_what_the_cells_it_had_bled_drew(make_config, monkeypatch):
+    """The bleed of the cells commanded in one cycle flows until the next, inside the pack:
+    the estimator gets it with that next cycle's sample, V / bleed_resistance_ohm per cell."""
+    config = load_config(
+        make_config(
+            {
+                "pack": {"n_cells": 4, "n_temp_sensors": 2},
+                "balancing": {"bleed_resistance_ohm": 40.0, "max_duty": 1.0},
+            }
+        )
+    )
+    frontend = BalancingFrontEnd(4)
+    frontend.current_a = 0.0  # at rest, so balancing may run
+    frontend.cell_voltage_v = np.array([3.90, 3.90, 4.00, 3.90])  # cell 2 well above
+    cycle = ControlCycle(
+        config, load_cell_params(config.pack.cell_params), frontend, FakeBox(frontend.calls), None
+    )
+    given = []
+    step = cycle.estimator.step
+    monkeypatch.setattr(
+        cycle.estimator, "step", lambda *args: given.append(args[4]) or step(*args)
+    )
+    run(cycle, 20)
+    assert given[0] is None  # nothing bled before the first command
+    bled = [k for k, cells in enumerate(frontend.commands[:-1]) if cells.any()]
+    assert bled, "the test needs a cycle that bled"
+    for k in bled:
+        expected = np.where(frontend.commands[k], frontend.cell_voltage_v, 0.0) / 40.0
+        assert given[k + 1] == pytest.approx(expected)
+    assert frontend.commands[bled[0]].tolist() == [False, False, True, False]

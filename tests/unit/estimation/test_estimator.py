@@ -82,6 +82,20 @@ def test_a_group_is_one_cell_carrying_its_share(linear):
     assert b.discharge_limit_a == pytest.approx(3 * a.discharge_limit_a)
 
 
+def test_a_bleeding_cell_loses_the_charge_its_resistor_draws(linear):
+    """The bleed flows inside the pack: the pack current (0 A here) does not show it, so the
+    estimator takes it from ``bleed_current_a``, per series group shared by its cells."""
+    for n_parallel in (1, 2):
+        est = estimator(linear, n_cells=2, n_parallel=n_parallel)
+        est.set_soc(0.5)
+        bleed_a = np.array([0.0, 0.1])
+        for _ in range(360):  # 1 h, voltages unknown: the prediction alone
+            out = est.step(0.0, np.full(2, math.nan), np.array([25.0]), 10.0, bleed_a)
+        capacity_ah = linear.capacity_ah * n_parallel
+        assert out.soc[0] == pytest.approx(0.5, abs=1e-9)
+        assert out.soc[1] == pytest.approx(0.5 - 0.1 / capacity_ah, rel=1e-6)
+
+
 def test_a_cell_far_from_its_model_is_flagged(linear):
     config = ProtectionConfig.model_construct(innovation_limit_sigma=6.0)
     est = estimator(linear, n_cells=2)

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bms.protection.balancing import Balancer, BalancingConfig, charge_to_remove_ah
+from bms.protection.balancing import (
+    Balancer,
+    BalancingConfig,
+    bleed_current_a,
+    charge_to_remove_ah,
+)
 
 CONFIG = BalancingConfig(max_duty=1.0)  # duty tested on its own
 V = np.full(4, 3.9)
@@ -152,3 +157,11 @@ def test_an_estimate_not_sure_enough_gives_way_to_the_voltages():
         True,
         False,
     ]
+
+
+def test_the_bleed_current_is_each_bleeding_cells_voltage_over_its_resistor():
+    bleeding = np.array([False, True, True])
+    voltage_v = np.array([3.9, 3.3, math.nan])
+    assert bleed_current_a(bleeding, voltage_v, 33.0) == pytest.approx([0.0, 0.1, 0.0])
+    assert bleed_current_a(bleeding, voltage_v, None) is None  # not configured: not modelled
+    assert bleed_current_a(np.zeros(3, dtype=bool), voltage_v, 33.0) is None
