@@ -290,6 +290,7 @@ class Reloader:
             self.notifier.send(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
             try:
                 self._ready.put(load_config(self.source))
+                continue  # the loop applies it and sends READY=1
             except ConfigError as exc:
                 log.error(
                     "reload of %s refused, still running on the previous config:\n  %s",
@@ -300,6 +301,8 @@ class Reloader:
                 log.exception(
                     "reload of %s failed; still running on the previous config", self.source
                 )
+            if self.is_ready():  # systemd holds the unit in "reloading" until it comes
+                self.notifier.send(READY="1")
 
 
 def _short_status(status: PackStatus) -> str:

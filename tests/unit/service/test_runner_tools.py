@@ -7,12 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bms.app import LineWriter, LoopRunner, StopRequest
+from bms.app import LineWriter, LoopRunner, Reloader, StopRequest
 from bms.config import load_config
 from bms.service import tools
 from bms.service.endpoint import ServiceEndpoint
@@ -76,6 +77,43 @@ def test_ready_is_not_sent_by_a_reload_before_the_first_complete_sample(tmp_path
     assert not any("READY=1" in m for m in messages), messages
     reloading = [m for m in messages if "RELOADING=1" in m]
     assert all("MONOTONIC_USEC=" in m for m in reloading), reloading
+
+
+class RecordingNotifier:
+    def __init__(self):
+        self.sent: list[dict] = []
+
+    def send(self, **fields):
+        self.sent.append(fields)
+        return True
+
+
+def test_a_refused_reload_sends_ready_again_and_an_applied_one_leaves_it_to_the_loop(tmp_path):
+    """After RELOADING=1 systemd holds the unit in "reloading" (and `systemctl reload` blocks)
+    until READY=1: a refused reload must send it, or the unit hangs there until its timeout
+    (found against systemd in the qemu guest)."""
+    path = write_config(tmp_path, {})
+    good = path.read_text()
+    requested = threading.Event()
+    notifier = RecordingNotifier()
+    reloader = Reloader(path, requested, notifier, is_ready=lambda: True)
+    try:
+        path.write_text(good + "\n[bogus_section]\nvalue = 1\n")
+        requested.set()
+        deadline_s = time.monotonic() + 10.0
+        while len(notifier.sent) < 2 and time.monotonic() < deadline_s:
+            time.sleep(0.01)
+        assert [list(m) for m in notifier.sent] == [["RELOADING", "MONOTONIC_USEC"], ["READY"]]
+        assert reloader.take() is None
+        notifier.sent.clear()
+        path.write_text(good)
+        requested.set()
+        while (config := reloader.take()) is None and time.monotonic() < deadline_s:
+            time.sleep(0.01)
+        assert config is not None
+        assert [list(m) for m in notifier.sent] == [["RELOADING", "MONOTONIC_USEC"]]
+    finally:
+        reloader.close()
 
 
 def test_offline_clear_does_not_edit_the_store_under_a_running_bms(tmp_path, capsys):
