@@ -87,3 +87,10 @@ def test_two_hundred_sigkills_during_writes_never_corrupt_or_lose_a_commit(tmp_p
             )
         store.close()
     assert last_committed > KILLS  # each child wrote on from where the last one was killed
+    store = StateStore.open(path)
+    rows = len(store.fault_log(limit=10**6))
+    store.close()
+    print(
+        f"{KILLS} SIGKILLs: integrity ok after each; {last_committed + 1} snapshots and {rows} "
+        "fault-log rows committed, none lost"
+    )
