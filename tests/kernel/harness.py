@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,28 @@ class GuestRun:
 
     def console_tail(self, lines: int = 60) -> str:
         return "\n".join(self.console.splitlines()[-lines:])
+
+
+def check_guest_run(run: GuestRun, limit_s: float, logs: str, console_lines: int = 60) -> dict:
+    """Fail, with the guest's console and pytest output, unless the guest powered off within
+    ``limit_s`` after a pytest run with at least one test and none failing; return the figures
+    its tests measured (metrics.json). ``logs`` says where the guest's other logs are. Call it
+    while holding ``exclusive()``: once the lock goes, the share is the next run's."""
+    log_path = SHARE / "pytest.log"
+    guest_log = log_path.read_text() if log_path.exists() else "(no pytest log from the guest)"
+    metrics_path = SHARE / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    junit_path = SHARE / "junit.xml"
+    suite = ET.parse(junit_path).getroot().find("testsuite") if junit_path.exists() else None
+    where = (
+        f"guest console:\n{run.console_tail(console_lines)}\n\nguest pytest:\n"
+        f"{guest_log[-12000:]}\n({logs})"
+    )
+    assert not run.timed_out, f"the guest did not power off within {limit_s:.0f} s\n{where}"
+    assert run.exit_code is not None, f"the guest never finished its tests\n{where}"
+    assert run.exit_code == 0, f"guest tests failed (pytest exit code {run.exit_code})\n{where}"
+    assert suite is not None and int(suite.get("tests")) > 0, f"the guest ran no test\n{where}"
+    return metrics
 
 
 @contextlib.contextmanager

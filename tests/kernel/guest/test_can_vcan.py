@@ -32,42 +32,13 @@ from bms.types import RelayStates
 from tests.conftest import BMS, REPO, merge
 from tests.kernel.guest.can_peer import burst_frame, cell_groups
 from tests.kernel.guest.conftest import LOGS
+from tests.kernel.slow_guest import SLOW_GUEST_CONFIG
 
 VCAN = "vcan0"
 PEER = Path(__file__).with_name("can_peer.py")
 DBC = REPO / "config" / "can" / "pybms.dbc"
 SOCKETCAN = {"can": {"interface": "socketcan", "channel": VCAN}}
 
-# The guest runs 15-40 times slower than the host (which may itself be shared), so the pack is
-# small (fewer frames to encode and decode), the loop and the plant run at 5 Hz, and the
-# timeouts are long: a late frame or a late wake-up must not pass for a fault. What the test
-# checks (closing, the values, the open wire's latch) depends on none of them.
-SLOW_MACHINE = {
-    "pack": {"n_cells": 6, "n_temp_sensors": 5},
-    "loop": {
-        "period_s": 0.2,
-        "status_interval_s": 0.2,
-        "lag_limit_s": 0.5,
-        "stall_limit_s": 5.0,
-        "startup_timeout_s": 300.0,  # `bms run` starts first and waits for the plant
-    },
-    "frontend": {
-        "cell_voltage_timeout_s": 5.0,
-        "temperature_timeout_s": 5.0,
-        "pack_timeout_s": 5.0,
-    },
-    "contactors": {"frame_timeout_s": 5.0},
-    "control": {"relay_settle_s": 3.0, "precharge_timeout_s": 20.0},
-    "sim": {
-        "tx_period_s": 0.2,
-        "deadman_timeout_s": 5.0,
-        # A small load: here the cell frames and the pack frame of one plant step may reach
-        # the BMS in different cycles, and when the current steps (at closing) that torn
-        # sample moves the SOC estimate by the voltage step over the OCV slope, for good (at
-        # 10 A, 0.2 V: 28 % of SOC). At 1 A through about 20 mOhm it is 20 mV, 3 % of SOC.
-        "load": {"profile": "constant", "current_a": -1.0},
-    },
-}
 OPENED = {"opening", "fault"}
 INJECT_AT_S = 30.0
 """Plant time of the open wire. The plant starts once the BMS waits for it; its clock starts
@@ -220,7 +191,9 @@ def wait_for_record(
 
 
 def test_plant_and_bms_as_two_processes_over_vcan(make_config, processes, metrics):
-    config = make_config(merge(SOCKETCAN, SLOW_MACHINE))
+    # `bms run` starts first and waits for the plant
+    waits = {"loop": {"status_interval_s": 0.2, "startup_timeout_s": 300.0}}
+    config = make_config(merge(merge(SOCKETCAN, SLOW_GUEST_CONFIG), waits))
     stop_watching = threading.Event()
     commands: list[tuple[float, RelayStates]] = []
     watcher = threading.Thread(target=watch_commands, args=(stop_watching, commands))
