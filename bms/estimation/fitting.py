@@ -31,6 +31,11 @@ MAX_GAP_S = 300.0
 MAX_PULSE_S = 120.0
 """A current step this short is a pulse; longer ones move the SOC to the next step."""
 MIN_REST_BEFORE_PULSE_S = 60.0
+MAX_FIT_PULSE_C_RATE = 1.5
+"""Pulses above this C-rate are left out of the impedance table: it is the small-signal
+impedance the EKF runs on, and a cell's overpotential grows less than linearly with current
+(charge transfer), so a 10C pulse fitted into it would make R0 jump between SOC points.
+Tests with several rates per level (for state of power) keep only their gentle pulses here."""
 MIN_PULSES = 3
 TEMP_STEP_C = 5.0
 KELVIN = 273.15
@@ -263,7 +268,8 @@ def find_pulse_windows(data: TestData, capacity_ah: float) -> list[tuple[int, in
 
 
 def fit_hppc(data: TestData, ocv: OcvFit) -> HppcFit:
-    """Fit every pulse pair of one HPPC test; SOC is counted from the rested first sample."""
+    """Fit every pulse pair of one HPPC test up to ``MAX_FIT_PULSE_C_RATE``; SOC is counted
+    from the rested first sample."""
     check_samples(data)
     soc0 = float(np.interp(data.voltage_v[0], ocv.ocv_v, ocv.soc))
     soc = soc0 + charge_ah(data) / ocv.capacity_ah
@@ -276,9 +282,19 @@ def fit_hppc(data: TestData, ocv: OcvFit) -> HppcFit:
             f"{MIN_REST_BEFORE_PULSE_S:.0f} s; a pulse test needs at least {MIN_PULSES} "
             f"(pulses up to {MAX_PULSE_S:.0f} s, each followed by a rest)"
         )
+    gentle_a = MAX_FIT_PULSE_C_RATE * ocv.capacity_ah
+    windows = [w for w in windows if abs(data.current_a[w[1]]) <= gentle_a]
+    if len(windows) < MIN_PULSES:
+        raise FitError(
+            f"{data.name}: {len(windows)} discharge pulse(s) at up to "
+            f"{MAX_FIT_PULSE_C_RATE:g}C ({gentle_a:.2f} A); a pulse test needs at least "
+            f"{MIN_PULSES} at that rate or below (faster ones are left out of the fit)"
+        )
     pulses = []
+    in_windows = np.zeros(data.time_s.size, dtype=bool)
     for start, pulse_start, stop in windows:
         window = slice(start, stop)
+        in_windows[window] = True
         ocv_v = np.interp(soc[window], ocv.soc, ocv.ocv_v)
         r0, r1, tau1, r2, tau2, rms = fit_pulse_window(
             data.time_s[window], data.current_a[window], data.voltage_v[window] - ocv_v
@@ -294,7 +310,8 @@ def fit_hppc(data: TestData, ocv: OcvFit) -> HppcFit:
                 rms_v=rms,
             )
         )
-    return HppcFit(temp_c=float(np.round(np.mean(data.temp_c), 1)), pulses=pulses)
+    # the temperature of the fitted pulses: faster ones between them warm the cell
+    return HppcFit(temp_c=float(np.round(np.mean(data.temp_c[in_windows]), 1)), pulses=pulses)
 
 
 def impedance_grid(

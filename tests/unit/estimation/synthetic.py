@@ -35,12 +35,18 @@ def ocv_test(cell: CellParams, temp_c: float = 25.0) -> TestData:
     return run(cell, "ocv", 1.0, *profile(steps, 60.0), temp_c)
 
 
-def hppc_test(cell: CellParams, temp_c: float, dt_s: float = 1.0) -> TestData:
+def hppc_test(
+    cell: CellParams, temp_c: float, dt_s: float = 1.0, fast_c_rates: tuple[float, ...] = ()
+) -> TestData:
     """From full: at every 10 % of SOC, a 1C 30 s discharge pulse, 10 min rest, 0.75C 30 s
-    charge pulse, 10 min rest, then 10 % of capacity at C/2 and 1 h rest."""
+    charge pulse, 10 min rest, then 10 % of capacity at C/2 and 1 h rest. ``fast_c_rates``:
+    a symmetric 30 s pulse pair at each of these rates, each pulse followed by 10 min rest,
+    before the 1C pair at every level (as models/ecm/truth/generate.py's HPPC has)."""
     one_c = cell.capacity_ah
     steps = [(600, 0.0)]
     for _ in range(9):
+        for rate in fast_c_rates:
+            steps += [(30, -rate * one_c), (600, 0.0), (30, rate * one_c), (600, 0.0)]
         steps += [(30, -one_c), (600, 0.0), (30, 0.75 * one_c), (600, 0.0)]
         steps += [(720, -0.5 * one_c), (3600, 0.0)]
     return run(cell, f"hppc_{temp_c:g}C", 1.0, *profile(steps, dt_s), temp_c)

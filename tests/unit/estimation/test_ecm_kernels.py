@@ -231,9 +231,7 @@ def test_a_voltage_that_drifts_out_slowly_is_never_held_back(generic):
     drifted_out = False
     for step in range(1, 100):  # 3 mV a step: a few sigma out within 2 s
         soc_before = x[0, 0]
-        e, s = run_ekf(
-            generic, x, p, [0.0], [0.0], [voltage_v - 0.003 * step], [25.0], 0.1, update
-        )
+        e, s = run_ekf(generic, x, p, [0.0], [0.0], [voltage_v - 0.003 * step], [25.0], 0.1, update)
         assert update[0, 2] == 0.0, f"held back at step {step}"
         if abs(e[0]) > INNOVATION_GATE_SIGMA * s[0]:
             drifted_out = True

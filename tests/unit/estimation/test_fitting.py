@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bms.estimation.fitting import FitError, fit_hppc, fit_ocv, impedance_grid
+from tests.unit.estimation import synthetic
 from tests.unit.estimation.synthetic import hppc_test, ocv_test
 
 
@@ -40,6 +41,30 @@ def test_pulse_fits_recover_the_impedance(generic, ocv_fit, temp_c):
         assert pulse.r2_ohm == pytest.approx(true["r2_ohm"], rel=0.15)
         assert pulse.rms_v < 2e-3  # the last window steps into low SOC, where R rises
     assert fit.pulses[0].soc == pytest.approx(1.0, abs=0.01)
+
+
+def test_fast_pulses_are_left_out_of_the_impedance_table(generic, ocv_fit):
+    """A test with 3C and 6C pulse pairs before each 1C pair (for state of power) fits the
+    1C ones only: one pulse per level, not three."""
+    gentle = fit_hppc(hppc_test(generic, 25.0), ocv_fit)
+    mixed = fit_hppc(hppc_test(generic, 25.0, fast_c_rates=(3.0, 6.0)), ocv_fit)
+    assert len(mixed.pulses) == len(gentle.pulses) == 9
+    for pulse in mixed.pulses:
+        true = generic.impedance_at(pulse.soc, 25.0)
+        assert pulse.r0_ohm == pytest.approx(true["r0_ohm"], rel=0.03)
+
+
+def test_only_fast_pulses_are_named(generic, ocv_fit):
+    capacity_ah = generic.capacity_ah
+    steps = [(600, 0.0)] + [
+        (30, -5.0 * capacity_ah),
+        (600, 0.0),
+        (720, -0.5 * capacity_ah),
+        (3600, 0.0),
+    ] * 4
+    data = synthetic.run(generic, "fast", 1.0, *synthetic.profile(steps, 1.0), 25.0)
+    with pytest.raises(FitError, match=r"at up to 1\.5C"):
+        fit_hppc(data, ocv_fit)
 
 
 def test_tests_at_several_temperatures_make_one_grid(generic, ocv_fit):
