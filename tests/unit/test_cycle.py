@@ -453,9 +453,7 @@ def test_the_estimator_is_told_what_the_cells_it_had_bled_drew(make_config, monk
     )
     given = []
     step = cycle.estimator.step
-    monkeypatch.setattr(
-        cycle.estimator, "step", lambda *args: given.append(args[4]) or step(*args)
-    )
+    monkeypatch.setattr(cycle.estimator, "step", lambda *args: given.append(args[4]) or step(*args))
     run(cycle, 20)
     assert given[0] is None  # nothing bled before the first command
     bled = [k for k, cells in enumerate(frontend.commands[:-1]) if cells.any()]
