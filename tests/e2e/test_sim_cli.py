@@ -71,15 +71,16 @@ def test_contactors_close_after_precharge_and_status_lines_carry_the_contract(ma
 
 def test_soc_falls_while_discharging(make_config):
     config = make_config({"sim": {"load": {"profile": "constant", "current_a": -20.0}}})
-    run = run_sim(config, duration_s=11)
+    run = run_sim(config, duration_s=22)
     assert run.returncode == 0, run.stderr
     closed = [r for r in run.records if r["contactors"] == "closed"]
-    assert len(closed) >= 8
+    assert len(closed) >= 18
     assert all(-20.5 < r["current_a"] < -19.5 for r in closed[1:])
     # 20 A for the closed seconds on a 5 Ah cell: about 0.11 % of SOC a second. Counted from
-    # 3 s after the close: across the 4C load step the SOC falls faster for a few seconds,
-    # while the EKF settles onto the voltages of cells whose resistance is 5 % off its model.
-    settled = [r for r in closed if r["t_s"] >= closed[0]["t_s"] + 3.0]
+    # 8 s after the close: across the 4C load step the SOC falls faster (0.13-0.19 % a second,
+    # measured) for several seconds, while the polarisation builds and the EKF settles onto
+    # the voltages of cells whose resistance is 5 % off its model.
+    settled = [r for r in closed if r["t_s"] >= closed[0]["t_s"] + 8.0]
     elapsed_s = settled[-1]["t_s"] - settled[0]["t_s"]
     drop = settled[0]["soc_mean"] - settled[-1]["soc_mean"]
     assert drop == pytest.approx(20.0 * elapsed_s / 3600 / 5.0, rel=0.2)
