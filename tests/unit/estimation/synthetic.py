@@ -41,7 +41,7 @@ def hppc_test(
     """From full: at every 10 % of SOC, a 1C 30 s discharge pulse, 10 min rest, 0.75C 30 s
     charge pulse, 10 min rest, then 10 % of capacity at C/2 and 1 h rest. ``fast_c_rates``:
     a symmetric 30 s pulse pair at each of these rates, each pulse followed by 10 min rest,
-    before the 1C pair at every level (as models/ecm/truth/generate.py's HPPC has)."""
+    before the 1C pair at every level (a test made for state of power, not for the EKF)."""
     one_c = cell.capacity_ah
     steps = [(600, 0.0)]
     for _ in range(9):

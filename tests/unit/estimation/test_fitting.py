@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from bms.estimation.fitting import FitError, fit_hppc, fit_ocv, impedance_grid
-from tests.unit.estimation import synthetic
-from tests.unit.estimation.synthetic import hppc_test, ocv_test
+from tests.unit.estimation.synthetic import hppc_test, ocv_test, profile, run
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_only_fast_pulses_are_named(generic, ocv_fit):
         (720, -0.5 * capacity_ah),
         (3600, 0.0),
     ] * 4
-    data = synthetic.run(generic, "fast", 1.0, *synthetic.profile(steps, 1.0), 25.0)
+    data = run(generic, "fast", 1.0, *profile(steps, 1.0), 25.0)
     with pytest.raises(FitError, match=r"at up to 1\.5C"):
         fit_hppc(data, ocv_fit)
 
