@@ -56,6 +56,16 @@ case "$python_prefix" in
       >"$UNITS/bms.service.d/python-home.conf"
     ;;
 esac
+# The same for the checkout itself (and so /opt/pybms/venv): under /tmp (a CI clone there), the
+# unit's PrivateTmp=yes gives the service an empty /tmp and the start fails with 203/EXEC.
+case "$REPO" in
+  /tmp/*)
+    printf '%s\n' \
+      "# written by tests/kernel/guest/systemd/prepare.sh: the checkout is in $REPO" \
+      "[Service]" "PrivateTmp=no" \
+      >"$UNITS/bms.service.d/checkout-in-tmp.conf"
+    ;;
+esac
 for unit in bms-plant.service pybms-systemd-checks.service pybms-systemd-checks.target; do
   install -m 0644 "$HERE/$unit" "$UNITS/$unit"
 done
@@ -63,3 +73,7 @@ done
 for unit in systemd-timesyncd.service systemd-pstore.service; do
   ln -sfn /dev/null "$UNITS/$unit"
 done
+# Debian's tmpfiles.d/tmp.conf empties /tmp at boot ("D /tmp"). The checkout, its .venv and the
+# share may live under /tmp (a CI clone there made the checks service exit 127: its script was
+# gone), so this boot keeps /tmp as it finds it: same name in /etc overrides the vendor file.
+printf 'd /tmp 1777 root root -\n' >/etc/tmpfiles.d/tmp.conf
