@@ -8,6 +8,8 @@ For 16, 96, 192 and 1000 cells, the time of one step of:
 - ``estimator``: ``PackEstimator.step``, the full per-cycle cost in a 10 ms loop (EKF, the
   state of power of the cells due this cycle, wrapper);
 - ``power``: ``bms.estimation.power.power_limits`` alone, for every cell, on the EKF's states;
+- ``power_map``: the same from the power map of models/ecm/lgm50_pybamm (pulses from rest at
+  13 currents, 14 SOC levels, 3 temperatures) instead of the 2RC model's closed form;
 - ``numpy``: the same EKF vectorised over cells in plain NumPy, with the same table lookups;
 - ``filterpy``: one ``filterpy.kalman.ExtendedKalmanFilter`` per cell (what a Python user would
   pick) with constant impedance, which is cheaper than our lookups and so favours filterpy.
@@ -61,6 +63,8 @@ from bms.types import POWER_DURATIONS_S
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 CELL_DIR = REPO_DIR / "models" / "ecm" / "generic_nmc"
+MAP_CELL_DIR = REPO_DIR / "models" / "ecm" / "lgm50_pybamm"
+"""A set with a power map, for ``power_map``."""
 SIZES = (16, 96, 192, 1000)
 PERIOD_S = 0.01
 N_SAMPLES = 1000
@@ -70,7 +74,7 @@ CHECK_STEPS = 300
 CHECK_TOLERANCE = 1e-6
 TARGET_RATIO_96 = 300.0
 CELLS_PER_SENSOR = 8
-IMPLS = ("ekf", "estimator", "power", "numpy", "filterpy")
+IMPLS = ("ekf", "estimator", "power", "power_map", "numpy", "filterpy")
 
 WARM_UP_CODE = """
 import json, sys, time
@@ -406,6 +410,7 @@ class Power:
         n = inputs.soc0.size
         self.cell, self.inputs, self.x = cell, inputs, x.copy()
         self.tables = tuple(cell.tables)
+        self.power_map = tuple(cell.power_map)
         self.durations_s = np.array(POWER_DURATIONS_S)
         self.charge_a = np.empty((n, self.durations_s.size))
         self.discharge_a = np.empty((n, self.durations_s.size))
@@ -414,6 +419,7 @@ class Power:
         cell = self.cell
         power_limits(
             self.tables,
+            self.power_map,
             self.inputs.capacity_ah,
             self.x,
             self.inputs.temp_c,
@@ -522,6 +528,7 @@ def main() -> int:
 
     started = time.perf_counter()
     cell = load_cell_params(CELL_DIR)
+    map_cell = load_cell_params(MAP_CELL_DIR)
     print(
         f"Python {platform.python_version()}, numpy {np.__version__}, "
         f"{platform.machine()}, {os.cpu_count()} CPUs; cell {cell.name}, "
@@ -550,6 +557,7 @@ def main() -> int:
             "ekf": lambda ekf=ekf: ekf,
             "estimator": lambda inputs=inputs: Estimator(cell, inputs),
             "power": lambda inputs=inputs, ekf=ekf: Power(cell, inputs, ekf.x),
+            "power_map": lambda inputs=inputs, ekf=ekf: Power(map_cell, inputs, ekf.x),
             "numpy": lambda inputs=inputs: NumpyEkf(cell, cell.tables, inputs),
             "filterpy": lambda inputs=inputs: FilterpyEkf(cell, constant_tables(cell), inputs),
         }
@@ -569,6 +577,7 @@ def main() -> int:
             "numpy_us": row["numpy"],
             "estimator_us": row["estimator"],
             "power_us": row["power"],
+            "power_map_us": row["power_map"],
         }
     dispatch_us, _ = time_per_step_us(
         {"ekf": NumbaEkf(cell, cell.tables, Inputs(cell, 0, args.seed)).step},
@@ -587,6 +596,7 @@ def main() -> int:
         "ekf": "ekf_step (numba)",
         "estimator": "PackEstimator.step",
         "power": "power_limits",
+        "power_map": "power_limits (map)",
         "numpy": "numpy vectorised",
         "filterpy": "filterpy EKF/cell",
     }

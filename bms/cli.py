@@ -162,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument(
         "--hppc", required=True, action="append", type=Path, help="a pulse test; repeatable"
     )
+    identify.add_argument(
+        "--power",
+        action="append",
+        type=Path,
+        default=[],
+        help="a power test (pulses from rest at a ladder of currents, each level); repeatable."
+        " Without one, state of power comes from the ECM",
+    )
     identify.add_argument("--out", required=True, type=Path, help="directory to write the set to")
     identify.add_argument("--name", help="the set's name (default: the directory's name)")
     identify.add_argument("--force", action="store_true", help="replace an existing set")
@@ -258,7 +266,9 @@ def _identify(args: argparse.Namespace) -> int:
     from bms.identify import describe, identify
 
     try:
-        cell = identify(args.ocv, args.hppc, args.out, args.name or args.out.name, args.force)
+        cell = identify(
+            args.ocv, args.hppc, args.out, args.name or args.out.name, args.force, args.power
+        )
     except (CsvError, FitError, FileExistsError, CellParamsError) as exc:
         print(f"bms identify: {exc}", file=sys.stderr)
         return exit_codes.EXIT_USAGE_ERROR

@@ -2,8 +2,9 @@
 
 Reads the test CSVs (``time_s,current_a,voltage_v,temp_c``, current positive when charging),
 fits them (bms/estimation/fitting.py), writes ``params.toml``, ``ocv.csv`` and
-``impedance.csv`` into the output directory, and loads the result back through the same
-checks the service uses, so a set that this command writes is one the BMS accepts.
+``impedance.csv`` (and ``power.csv`` from power tests) into the output directory, and loads
+the result back through the same checks the service uses, so a set that this command writes
+is one the BMS accepts.
 """
 
 from __future__ import annotations
@@ -20,8 +21,24 @@ from pathlib import Path
 import numpy as np
 
 from bms.csvio import read_columns, write_columns
-from bms.estimation.cell_params import IMPEDANCE_COLUMNS, CellParams, load_cell_params
-from bms.estimation.fitting import HppcFit, OcvFit, TestData, fit_hppc, fit_ocv, impedance_grid
+from bms.estimation.cell_params import (
+    IMPEDANCE_COLUMNS,
+    POWER_COLUMNS,
+    CellParams,
+    load_cell_params,
+)
+from bms.estimation.fitting import (
+    HppcFit,
+    OcvFit,
+    PowerFit,
+    TestData,
+    fit_hppc,
+    fit_ocv,
+    fit_power,
+    impedance_grid,
+    power_grid,
+)
+from bms.types import POWER_DURATIONS_S
 
 TEST_COLUMNS = ("time_s", "current_a", "voltage_v", "temp_c")
 DEFAULT_EKF = {
@@ -47,7 +64,12 @@ def sha256_of(path: Path) -> str:
 
 
 def identify(
-    ocv_path: Path, hppc_paths: list[Path], out_dir: Path, name: str, force: bool = False
+    ocv_path: Path,
+    hppc_paths: list[Path],
+    out_dir: Path,
+    name: str,
+    force: bool = False,
+    power_paths: list[Path] = (),
 ) -> CellParams:
     """Fit and write the set; raise CsvError or FitError for unusable data, CellParamsError
     for a set the service would refuse, FileExistsError rather than overwrite a set without
@@ -61,10 +83,19 @@ def identify(
         raise FileExistsError(f"{out_dir} exists (use --force to replace it)")
     ocv = fit_ocv(read_test(ocv_path))
     hppc = [fit_hppc(read_test(path), ocv) for path in hppc_paths]
+    power = [fit_power(read_test(path), ocv, POWER_DURATIONS_S) for path in power_paths]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_set(staging, name, ocv, hppc, ocv_path, hppc_paths)
+        sources = (
+            [("ocv", Path(ocv_path), ocv.temp_c)]
+            + [("hppc", Path(path), fit.temp_c) for path, fit in zip(hppc_paths, hppc, strict=True)]
+            + [
+                ("power", Path(path), fit.temp_c)
+                for path, fit in zip(power_paths, power, strict=True)
+            ]
+        )
+        _write_set(staging, name, ocv, hppc, power, sources)
         load_cell_params(staging)
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
@@ -81,8 +112,8 @@ def _write_set(
     name: str,
     ocv: OcvFit,
     hppc: list[HppcFit],
-    ocv_path: Path,
-    hppc_paths: list[Path],
+    power: list[PowerFit],
+    sources: list[tuple[str, Path, float]],
 ) -> None:
     soc_grid, temps, table = impedance_grid(hppc)
     write_columns(
@@ -102,10 +133,25 @@ def _write_set(
         columns,
         {"temp_c": 1, "soc": 2, "r0_ohm": 6, "r1_ohm": 6, "c1_f": 1, "r2_ohm": 6, "c2_f": 1},
     )
-    sources = [("ocv", Path(ocv_path), ocv.temp_c)] + [
-        ("hppc", Path(path), fit.temp_c) for path, fit in zip(hppc_paths, hppc, strict=True)
-    ]
-    (out_dir / "params.toml").write_text(_params_toml(name, ocv, hppc, sources))
+    if power:
+        _write_power_map(out_dir / "power.csv", power)
+    (out_dir / "params.toml").write_text(_params_toml(name, ocv, hppc, power, sources))
+
+
+def _write_power_map(path: Path, power: list[PowerFit]) -> None:
+    """The power tests on one grid, long form, current signed (positive charging)."""
+    soc, temps, currents_a, table = power_grid(power)
+    signed_a = np.concatenate((-currents_a[::-1], currents_a))
+    # (temp, soc, direction, current, duration) -> (temp, soc, signed current, duration)
+    by_signed = np.concatenate((table[:, :, 0, ::-1], table[:, :, 1]), axis=2)
+    axes = np.meshgrid(temps, soc, signed_a, np.array(POWER_DURATIONS_S), indexing="ij")
+    columns = dict(zip(POWER_COLUMNS[:4], (axis.ravel() for axis in axes), strict=True))
+    columns["overpotential_v"] = by_signed.ravel()
+    write_columns(
+        path,
+        columns,
+        {"temp_c": 1, "soc": 3, "current_a": 3, "duration_s": 0, "overpotential_v": 6},
+    )
 
 
 def _toml_value(value) -> str:
@@ -119,7 +165,11 @@ def _toml_value(value) -> str:
 
 
 def _params_toml(
-    name: str, ocv: OcvFit, hppc: list[HppcFit], sources: list[tuple[str, Path, float]]
+    name: str,
+    ocv: OcvFit,
+    hppc: list[HppcFit],
+    power: list[PowerFit],
+    sources: list[tuple[str, Path, float]],
 ) -> str:
     ekf = dict(DEFAULT_EKF, current_noise_a=round(0.01 * ocv.capacity_ah, 4))
     try:
@@ -137,6 +187,7 @@ def _params_toml(
         f"voltage_min_v = {ocv.voltage_min_v}",
         'ocv_table = "ocv.csv"',
         'impedance_table = "impedance.csv"',
+        *(['power_table = "power.csv"'] if power else []),
         "",
         "[ekf]",
         *(f"{key} = {_toml_value(value)}" for key, value in ekf.items()),
@@ -152,6 +203,11 @@ def _params_toml(
         f"pulse_fit_rms_v = {_toml_value([round(fit.rms_v, 6) for fit in hppc])}",
         f"pulses_per_test = {_toml_value([len(fit.pulses) for fit in hppc])}",
     ]
+    if power:
+        lines += [
+            f"power_test_temps_c = {_toml_value([fit.temp_c for fit in power])}",
+            f"power_pulses_per_test = {_toml_value([fit.pulses for fit in power])}",
+        ]
     for role, path, temp_c in sources:
         lines += [
             "",
@@ -179,4 +235,11 @@ def describe(cell: CellParams) -> str:
         f"{cell.provenance['ocv_half_gap_v'] * 1e3:.1f} mV), impedance over "
         f"{t.imp_soc.size} SOC points x {t.imp_temp_c.size} temperatures "
         f"({', '.join(f'{v:g}' for v in t.imp_temp_c)} degC), pulse fit rms {rms} mV"
+        + (
+            f", power map over {cell.power_map.soc.size} SOC points x "
+            f"{cell.power_map.temp_c.size} temperatures x {cell.power_map.current_a.size} "
+            f"currents up to {cell.power_map.current_a[-1]:g} A"
+            if cell.has_power_map
+            else ""
+        )
     )

@@ -101,6 +101,16 @@ def run_bms(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([str(BMS), *args], capture_output=True, text=True, timeout=timeout_s)
 
 
+def run_identify(
+    out: Path, ocv: Path, hppc: list[Path], power: list[Path] = (), *extra: str
+) -> subprocess.CompletedProcess:
+    """``bms identify`` from an OCV test and pulse tests (and power tests) into ``out``."""
+    args = ["identify", "--ocv", str(ocv)]
+    args += [arg for path in hppc for arg in ("--hppc", str(path))]
+    args += [arg for path in power for arg in ("--power", str(path))]
+    return run_bms(*args, "--out", str(out), *extra)
+
+
 def parse_json_lines(stdout: str) -> tuple[list[dict], dict | None]:
     records, summary = [], None
     for line in stdout.splitlines():

@@ -3,8 +3,11 @@
 A parameter set is a directory: ``params.toml`` (capacity, voltage limits, the EKF's noise
 tuning, provenance) and two CSV tables over SOC × temperature, ``ocv.csv`` (columns
 ``temp_c,soc,ocv_v``) and ``impedance.csv`` (``temp_c,soc,r0_ohm,r1_ohm,c1_f,r2_ohm,c2_f``).
-Each table is a full grid: every temperature has the same SOC points. `bms identify` writes
-such a directory; this module reads and checks it.
+Each table is a full grid: every temperature has the same SOC points. A set may also have a
+power map, ``power.csv`` (``temp_c,soc,current_a,duration_s,overpotential_v``, current signed
+as everywhere: positive charging), from a power test: the state of power then comes from it
+(bms/estimation/power.py). `bms identify` writes such a directory; this module reads and
+checks it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from pydantic import Field, model_validator
 from bms.csvio import CsvError, read_columns
 from bms.estimation import ecm
 from bms.estimation.ecm import EcmTables
+from bms.estimation.power import PowerMap, no_power_map
 from bms.schema import SchemaError, StrictModel, load_model
+from bms.types import POWER_DURATIONS_S
 
 IMPEDANCE_COLUMNS = ("r0_ohm", "r1_ohm", "c1_f", "r2_ohm", "c2_f")
+POWER_COLUMNS = ("temp_c", "soc", "current_a", "duration_s", "overpotential_v")
 
 
 class CellParamsError(SchemaError):
@@ -65,6 +71,7 @@ class ParamsFile(StrictModel):
     voltage_min_v: float = Field(gt=0.0, le=6.0)
     ocv_table: str = "ocv.csv"
     impedance_table: str = "impedance.csv"
+    power_table: str | None = None
     ekf: EkfSection
     provenance: dict[str, Any] = Field(default_factory=dict)
 
@@ -86,6 +93,12 @@ class CellParams:
     tables: EcmTables
     tuning: EkfTuning
     provenance: dict[str, Any]
+    power_map: PowerMap
+    """From a power test, or :func:`no_power_map` (the ECM's closed form then)."""
+
+    @property
+    def has_power_map(self) -> bool:
+        return self.power_map.current_a.size > 0
 
     def ocv_at(self, soc: np.ndarray, temp_c: float | np.ndarray = 25.0) -> np.ndarray:
         """Open-circuit voltage (V), same shape as ``soc``, clamped to the table's ends."""
@@ -137,6 +150,13 @@ def load_cell_params(directory: Path) -> CellParams:
         raise CellParamsError(
             [f"{directory / head.impedance_table}: every resistance and capacitance must be > 0"]
         )
+    if head.power_table is None:
+        power_map = no_power_map(len(POWER_DURATIONS_S))
+    else:
+        try:
+            power_map = read_power_map(directory / head.power_table)
+        except CsvError as exc:
+            raise CellParamsError([str(exc)]) from None
     return CellParams(
         name=head.name,
         capacity_ah=head.capacity_ah,
@@ -145,7 +165,53 @@ def load_cell_params(directory: Path) -> CellParams:
         tables=EcmTables(ocv_soc, ocv_temp_c, ocv_v, imp_soc, imp_temp_c, impedance),
         tuning=EkfTuning(**head.ekf.model_dump()),
         provenance=head.provenance,
+        power_map=power_map,
     )
+
+
+def read_power_map(path: Path) -> PowerMap:
+    """Read ``power.csv`` (see the module); CsvError unless it is a full grid over
+    temperature, SOC in [0, 1], the same current magnitudes each way and exactly the
+    durations of POWER_DURATIONS_S, with every overpotential finite and >= 0."""
+    data = read_columns(path, POWER_COLUMNS)
+    axes = [np.unique(data[name]) for name in POWER_COLUMNS[:4]]
+    temps, socs, signed_a, durations = axes
+    if np.prod([axis.size for axis in axes]) != data["soc"].size:
+        raise CsvError(
+            f"{path}: not a full grid: every (temp_c, soc) needs the same currents and "
+            f"durations ({' x '.join(str(a.size) for a in axes)} != {data['soc'].size} rows)"
+        )
+    ladder_a = signed_a[signed_a > 0.0]
+    if (
+        not np.array_equal(-signed_a[signed_a < 0.0][::-1], ladder_a)
+        or signed_a.size != 2 * ladder_a.size
+        or ladder_a.size < 2
+    ):
+        raise CsvError(
+            f"{path}: current_a must hold the same magnitudes charging (+) and discharging (-),"
+            " at least two, and no zero"
+        )
+    if tuple(durations) != POWER_DURATIONS_S:
+        raise CsvError(f"{path}: duration_s must be exactly {POWER_DURATIONS_S}")
+    if socs[0] < 0.0 or socs[-1] > 1.0:
+        raise CsvError(f"{path}: soc values must lie in [0, 1]")
+    eta = data["overpotential_v"]
+    if not np.all(np.isfinite(eta)) or np.any(eta <= 0.0):
+        raise CsvError(f"{path}: every overpotential_v must be a number > 0")
+    index = [
+        np.searchsorted(axis, data[name]) for axis, name in zip(axes, POWER_COLUMNS, strict=False)
+    ]
+    grid = np.full([axis.size for axis in axes], np.nan)
+    grid[tuple(index)] = eta
+    if np.isnan(grid).any():
+        raise CsvError(f"{path}: not a full grid: a row is repeated")
+    n_ladder = ladder_a.size
+    overpotential_v = np.stack(
+        (grid[:, :, :n_ladder][:, :, ::-1], grid[:, :, n_ladder:]), axis=2
+    )  # (temp, soc, direction, current magnitude, duration)
+    if np.any(np.diff(overpotential_v, axis=3) < 0.0):
+        raise CsvError(f"{path}: overpotential_v must not fall as the current grows")
+    return PowerMap(socs, temps, ladder_a, np.ascontiguousarray(overpotential_v))
 
 
 def _read_grid(

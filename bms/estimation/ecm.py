@@ -43,7 +43,7 @@ class EcmTables(NamedTuple):
 
 
 @njit(cache=True, inline="always")
-def _bracket(grid, x):
+def bracket(grid, x):
     """Index ``i`` and weight ``w`` so that x ~ grid[i] * (1 - w) + grid[i + 1] * w, clamped.
 
     grid: (n,) strictly rising. A single-point grid gives (0, 0.0). NaN clamps to the low end.
@@ -68,7 +68,7 @@ def _bracket(grid, x):
 def at_temperature(grid, temp_c):
     """(lower row, upper row, weight) of ``temp_c`` in a temperature grid, clamped: found
     once per cell and cycle, then used for every lookup at that temperature."""
-    i, w = _bracket(grid, temp_c)
+    i, w = bracket(grid, temp_c)
     return i, min(i + 1, grid.shape[0] - 1), w
 
 
@@ -82,7 +82,7 @@ def ocv_at(tables, row, soc):
     """
     grid = tables.ocv_soc
     it, jt, wt = row
-    i, w = _bracket(grid, soc)
+    i, w = bracket(grid, soc)
     lo = tables.ocv_v[it, i] * (1.0 - wt) + tables.ocv_v[jt, i] * wt
     hi = tables.ocv_v[it, i + 1] * (1.0 - wt) + tables.ocv_v[jt, i + 1] * wt
     inside = grid[0] < soc < grid[grid.shape[0] - 1]
@@ -104,7 +104,7 @@ def impedance_at(tables, row, soc, out):
     """Write r0_ohm, r1_ohm, c1_f, r2_ohm, c2_f at ``soc`` in the impedance table's
     temperature ``row`` into ``out`` (5,)."""
     it, jt, wt = row
-    i, w = _bracket(tables.imp_soc, soc)
+    i, w = bracket(tables.imp_soc, soc)
     j = min(i + 1, tables.imp_soc.shape[0] - 1)
     table = tables.impedance
     for k in range(5):
@@ -116,7 +116,7 @@ def impedance_at(tables, row, soc, out):
 @njit(cache=True, inline="always")
 def r0_at(tables, row, soc):
     """R0 alone (ohm), where the other four are not needed."""
-    i, w = _bracket(tables.imp_soc, soc)
+    i, w = bracket(tables.imp_soc, soc)
     return _impedance_column(tables, row, i, min(i + 1, tables.imp_soc.shape[0] - 1), w, R0)
 
 

@@ -24,7 +24,8 @@ DEFAULT_TEMP_C = 25.0
 INITIAL_RC_STD_V = 0.01
 """Polarisation we cannot rule out when a cell is first seen."""
 POWER_CAP_C_RATE = 20.0
-"""State of power is not searched beyond this: no cell of ours carries more."""
+"""State of power is not searched beyond this from the ECM: no cell of ours carries more.
+From a power map, the largest current its test pulsed is the cap."""
 MODEL_TEMP_MARGIN_C = 5.0
 """How far beyond its coldest or hottest characterised temperature a cell may be before its
 estimate counts as outside the model."""
@@ -58,6 +59,12 @@ class PackEstimator:
         self.power_voltage_min_v = max(low_v, cell.voltage_min_v)
         self.power_voltage_max_v = min(high_v, cell.voltage_max_v)
         self._tables = tuple(cell.tables)
+        self._power_map = tuple(cell.power_map)
+        self.power_cap_a = (
+            float(cell.power_map.current_a[-1])
+            if cell.has_power_map
+            else POWER_CAP_C_RATE * cell.capacity_ah
+        )
         self._tuning = tuple(cell.tuning)
         self.power_cells_per_step = max(
             1, min(n_cells, math.ceil(n_cells * period_s / POWER_REFRESH_S))
@@ -144,12 +151,13 @@ class PackEstimator:
         count = n_cells if started.any() else self.power_cells_per_step
         power_limits(
             self._tables,
+            self._power_map,
             self.capacity_ah,
             self.x,
             self.temp_c,
             self.power_voltage_min_v,
             self.power_voltage_max_v,
-            POWER_CAP_C_RATE * self.cell.capacity_ah,
+            self.power_cap_a,
             self.durations_s,
             self._power_cursor,
             count,

@@ -12,11 +12,18 @@ Pure functions over arrays (the ``bms identify`` command reads and writes the fi
   and the long rest after it) is fitted by the 2RC model. For given time constants the model
   is linear in R0, R1, R2 and the polarisation left from before, so each (tau1, tau2) on a
   log grid is a linear least squares; the pair with the smallest residual wins.
+* **Power test** (at each SOC level, pulses from a long rest at a ladder of currents, charge
+  and discharge, up to the cut-offs): no model is fitted. Each pulse's overpotential at the
+  state-of-power durations is measured, and the state of power is found from that table
+  (bms/estimation/power.py): a cell's overpotential grows less than linearly with current
+  (charge transfer) and more than linearly late in a long pulse (electrolyte depletion),
+  which the 2RC model, fitted on gentle pulses, cannot carry to 20C.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +44,21 @@ impedance the EKF runs on, and a cell's overpotential grows less than linearly w
 (charge transfer), so a 10C pulse fitted into it would make R0 jump between SOC points.
 Tests with several rates per level (for state of power) keep only their gentle pulses here."""
 MIN_PULSES = 3
+POWER_MIN_REST_BEFORE_S = 1200.0
+"""A power-test pulse starts from a cell rested this long (the charge put back after a pulse
+follows a short rest and is not a pulse)."""
+POWER_LEVEL_SOC_STEP = 0.005
+"""Pulses whose starting SOC differ by less than this belong to one level."""
+POWER_UNHELD_MARGIN = 10.0
+"""Where even the smallest current of the ladder was refused (past the limit at once), the
+test found no safe current: the limit there is taken as this fraction of it (a tenth)."""
+POWER_LAW_MAX = 40.0
+"""Steepest power law (overpotential against current) the completed table puts between a
+held current and the next: steeper only overflows, it moves the limit by under 1 %."""
+PAST_LIMIT_MAX = 3.0
+"""At most this times the overpotential that meets the limit, past it: enough to place the
+limit, and not so much that interpolating over SOC towards a level where that current held
+would hide the limit there."""
 TEMP_STEP_C = 5.0
 KELVIN = 273.15
 TAU1_GRID_S = np.geomspace(1.0, 200.0, 19)
@@ -90,6 +112,32 @@ class HppcFit:
     @property
     def rms_v(self) -> float:
         return float(np.sqrt(np.mean([p.rms_v**2 for p in self.pulses])))
+
+
+@dataclass(frozen=True)
+class PowerFit:
+    """One power test: overpotential (V, towards the limit, >= 0) of pulses from rest.
+
+    soc: (n_levels,) rising; currents_a: (n_currents,) rising magnitudes.
+    measured_v: (n_levels, 2, n_currents, n_durations), direction 0 discharge, 1 charge; NaN
+    where the pulse did not run or did not last that long before the cut-off.
+    lasted_s: (n_levels, 2, n_currents): how long each pulse ran (NaN: not run).
+    headroom_v: (n_levels, 2): how far the rested cell was from each voltage limit.
+    overpotential_v: measured_v completed (see :func:`fit_power`), what the map holds.
+    """
+
+    temp_c: float
+    soc: np.ndarray
+    currents_a: np.ndarray
+    durations_s: tuple[float, ...]
+    measured_v: np.ndarray
+    lasted_s: np.ndarray
+    headroom_v: np.ndarray
+    overpotential_v: np.ndarray
+
+    @property
+    def pulses(self) -> int:
+        return int(np.sum(~np.isnan(self.lasted_s)))
 
 
 def check_samples(data: TestData) -> None:
@@ -267,12 +315,17 @@ def find_pulse_windows(data: TestData, capacity_ah: float) -> list[tuple[int, in
     ]
 
 
+def counted_soc(data: TestData, ocv: OcvFit) -> np.ndarray:
+    """SOC of every sample (n,): the OCV of the rested first sample, then coulomb counting."""
+    soc0 = float(np.interp(data.voltage_v[0], ocv.ocv_v, ocv.soc))
+    return soc0 + charge_ah(data) / ocv.capacity_ah
+
+
 def fit_hppc(data: TestData, ocv: OcvFit) -> HppcFit:
     """Fit every pulse pair of one HPPC test up to ``MAX_FIT_PULSE_C_RATE``; SOC is counted
     from the rested first sample."""
     check_samples(data)
-    soc0 = float(np.interp(data.voltage_v[0], ocv.ocv_v, ocv.soc))
-    soc = soc0 + charge_ah(data) / ocv.capacity_ah
+    soc = counted_soc(data, ocv)
     if np.abs(data.current_a).max() <= REST_CURRENT_C_RATE * ocv.capacity_ah:
         raise FitError(f"{data.name}: no current flows: this is not a pulse test")
     windows = find_pulse_windows(data, ocv.capacity_ah)
@@ -371,3 +424,244 @@ def impedance_grid(
     table[..., 2] /= table[..., 1]
     table[..., 4] /= table[..., 3]
     return soc_grid, temps, table
+
+
+def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> PowerFit:
+    """Measure every pulse from rest of one power test (see the module) and complete the
+    table; SOC is counted from the rested first sample.
+
+    A pulse's time runs from its first sample under current. Its overpotential at ``t`` is
+    the voltage's move from the rested value less the OCV's move over the charge it passed
+    (from the OCV test's curve), signed towards the limit it drives to. Where a pulse did
+    not last a duration, the table is completed from when it met the limit
+    (:func:`complete_power_level`).
+    """
+    check_samples(data)
+    soc = counted_soc(data, ocv)
+    rest = np.abs(data.current_a) <= REST_CURRENT_C_RATE * ocv.capacity_ah
+    runs = _runs(~rest)
+    pulses = []  # (soc, direction, current magnitude, start index, stop index)
+    for n, (start, stop) in enumerate(runs):
+        rest_began_s = data.time_s[runs[n - 1][1]] if n else data.time_s[0]
+        rested = data.time_s[start] - rest_began_s >= POWER_MIN_REST_BEFORE_S
+        short = data.time_s[stop - 1] - data.time_s[start] <= MAX_PULSE_S
+        if rested and short and start > 0:
+            amps = float(np.median(data.current_a[start:stop]))
+            pulses.append((float(soc[start]), int(amps > 0.0), abs(amps), start, stop))
+    if not pulses:
+        raise FitError(
+            f"{data.name}: no pulse after a rest of at least {POWER_MIN_REST_BEFORE_S:.0f} s: "
+            "a power test pulses from a rested cell (pulses up to "
+            f"{MAX_PULSE_S:.0f} s)"
+        )
+    levels: list[list[tuple]] = []
+    for pulse in pulses:
+        if levels and abs(pulse[0] - levels[-1][0][0]) < POWER_LEVEL_SOC_STEP:
+            levels[-1].append(pulse)
+        else:
+            levels.append([pulse])
+    currents_a = np.unique(_round_significant([p[2] for p in pulses]))
+    if len(levels) < 2 or currents_a.size < 2:
+        raise FitError(
+            f"{data.name}: pulses at {len(levels)} SOC level(s) and {currents_a.size} "
+            "current(s); a power test needs at least two of each"
+        )
+    shape = (len(levels), 2, currents_a.size, len(durations_s))
+    measured_v, overpotential_v = np.full(shape, np.nan), np.full(shape, np.nan)
+    lasted_s = np.full(shape[:3], np.nan)
+    headroom_v = np.full((len(levels), 2), np.nan)
+    level_soc = np.array([np.median([p[0] for p in level]) for level in levels])
+    for lv, level in enumerate(levels):
+        trajectories = {}  # (direction, current index) -> (time_s, overpotential_v)
+        for pulse_soc, direction, amps, start, stop in level:
+            k = int(np.searchsorted(currents_a, _round_significant([amps])[0]))
+            sign = 1.0 if direction else -1.0
+            rest_v = data.voltage_v[start - 1]
+            headroom_v[lv] = [rest_v - ocv.voltage_min_v, ocv.voltage_max_v - rest_v]
+            time_s = data.time_s[start:stop] - data.time_s[start]
+            moves_v = _ocv_move_v(ocv, pulse_soc, sign * amps, time_s)
+            trajectories[direction, k] = (
+                time_s,
+                sign * (data.voltage_v[start:stop] - rest_v) - moves_v,
+            )
+            lasted_s[lv, direction, k] = time_s[-1]
+        for direction, d in itertools.product(range(2), range(len(durations_s))):
+            sign = 1.0 if direction else -1.0
+
+            def crossing_v(amps, time_s, lv=lv, direction=direction, sign=sign):
+                """The overpotential a pulse of ``amps`` meets the limit with at ``time_s``."""
+                move_v = _ocv_move_v(ocv, level_soc[lv], sign * amps, time_s)
+                return max(headroom_v[lv, direction] - float(move_v), 1e-4)
+
+            row = [trajectories.get((direction, k)) for k in range(currents_a.size)]
+            measured_v[lv, direction, :, d] = [
+                np.interp(durations_s[d], *tr) if tr and tr[0][-1] >= durations_s[d] - 1e-6
+                else np.nan
+                for tr in row
+            ]  # fmt: skip
+            overpotential_v[lv, direction, :, d] = complete_power_level(
+                currents_a, row, durations_s[d], crossing_v
+            )
+    order = np.argsort(level_soc)
+    return PowerFit(
+        # the rested cell's temperature: a fast pulse warms it while it lasts
+        temp_c=float(np.round(np.mean(data.temp_c[[p[3] - 1 for p in pulses]]), 1)),
+        soc=level_soc[order],
+        currents_a=currents_a,
+        durations_s=tuple(durations_s),
+        measured_v=measured_v[order],
+        lasted_s=lasted_s[order],
+        headroom_v=headroom_v[order],
+        overpotential_v=overpotential_v[order],
+    )
+
+
+def _ocv_move_v(ocv: OcvFit, soc: float, current_a: float, time_s):
+    """How far the OCV moves towards the limit ``current_a`` drives to in ``time_s``
+    (a number or an array)."""
+    soc_end = soc + current_a * np.asarray(time_s) / (SECONDS_PER_HOUR * ocv.capacity_ah)
+    move_v = np.interp(soc_end, ocv.soc, ocv.ocv_v) - np.interp(soc, ocv.soc, ocv.ocv_v)
+    return np.sign(current_a) * move_v
+
+
+def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np.ndarray:
+    """One level's overpotential at ``duration_s`` (V, (n_currents,)) for every current.
+
+    trajectories: per current, (time_s, overpotential_v) of its pulse from its start to
+    where it ended, or None where it did not run; crossing_v(amps, time_s): the
+    overpotential at which a pulse of ``amps`` meets the limit at ``time_s``.
+
+    A pulse that lasted the duration gives its own value. One that met the limit sooner,
+    at ``t``, had the crossing value then (or its last sample's, if past it), and is taken
+    to grow from there as the largest held pulse did, with time squeezed by the square of
+    their currents' ratio: depletion near a surface goes as current times sqrt(time)
+    (Sand), so a larger current runs through the same curve faster. The part of the
+    overpotential that does not grow with time makes this the safe side. It is also at
+    least in proportion to current from the held one. A pulse not run above every one that
+    did was past the limit at once (``t`` = 0). A current not tried between two that ran is
+    interpolated as a power law; where no pulse held the duration, the growth is taken as
+    sqrt(duration / t), and where even the smallest was refused, ``POWER_UNHELD_MARGIN``
+    times its crossing (a limit of about a tenth of it). The result rises with current.
+    """
+    n = currents_a.size
+    ran = np.array([tr is not None for tr in trajectories])
+    tried_above = np.flip(np.logical_or.accumulate(np.flip(ran)))
+    out = np.full(n, np.nan)
+    for k, tr in enumerate(trajectories):
+        if tr is not None and tr[0][-1] >= duration_s - 1e-6:
+            out[k] = np.interp(duration_s, *tr)
+    held = np.flatnonzero(~np.isnan(out))
+    for k in np.flatnonzero(np.isnan(out)):
+        if not ran[k] and tried_above[k]:
+            continue  # not tried: interpolated below
+        met_s = trajectories[k][0][-1] if ran[k] else 0.0
+        meets_v = crossing_v(currents_a[k], met_s)
+        if ran[k]:  # its last sample may lie past the limit already
+            meets_v = max(meets_v, trajectories[k][1][-1])
+        if held.size:
+            ref = held[-1]
+            squeeze = (currents_a[k] / currents_a[ref]) ** 2
+            growth = _extended(trajectories[ref], duration_s * squeeze) / _extended(
+                trajectories[ref], met_s * squeeze
+            )
+            in_proportion_v = out[ref] * currents_a[k] / currents_a[ref]
+            out[k] = max(meets_v * max(growth, 1.0), in_proportion_v)
+            if k == ref + 1:
+                out[k] = max(out[k], _placed_by_time_to_limit(
+                    currents_a, trajectories, ref, out[ref], duration_s, crossing_v
+                ))  # fmt: skip
+        elif met_s > 0.0:
+            out[k] = meets_v * math.sqrt(duration_s / met_s)
+        else:
+            out[k] = meets_v * POWER_UNHELD_MARGIN
+        out[k] = max(out[k], crossing_v(currents_a[k], duration_s))
+    known = np.flatnonzero(~np.isnan(out))
+    for k in np.flatnonzero(np.isnan(out)):  # not tried, between currents that ran
+        below, higher = known[known < k], known[known > k]
+        if below.size and higher.size:
+            i, j = below[-1], higher[0]
+            power = math.log(out[j] / out[i]) / math.log(currents_a[j] / currents_a[i])
+            out[k] = out[i] * (currents_a[k] / currents_a[i]) ** power
+        else:
+            j = below[-1] if below.size else higher[0]
+            out[k] = out[j] * currents_a[k] / currents_a[j]
+    return np.maximum.accumulate(np.maximum(out, 1e-6))
+
+
+def _placed_by_time_to_limit(currents_a, trajectories, ref, ref_v, duration_s, crossing_v):
+    """The overpotential at ``currents_a[ref + 1]`` (which met the limit before
+    ``duration_s``) that puts the limit where the times to the limit say; 0 where they
+    cannot say.
+
+    Where a current depletes the cell, the time a pulse takes to reach the limit falls as
+    a power of its current (Sand: t ~ I^-2 for diffusion alone). The two pulses above the
+    held one give that power; the current that would last exactly ``duration_s`` follows,
+    and the overpotential there is the crossing. A power law from the held pulse through
+    that point, carried on to the next current, is the value.
+    """
+    b, c = ref + 1, ref + 2
+    if c >= currents_a.size or trajectories[b] is None or trajectories[c] is None:
+        return 0.0
+    met_b, met_c = trajectories[b][0][-1], trajectories[c][0][-1]
+    if not 0.0 < met_c < met_b:
+        return 0.0
+    power = math.log(met_b / met_c) / math.log(currents_a[c] / currents_a[b])
+    power = min(max(power, 1.0), 4.0)  # from resistance alone (1) to twice Sand's
+    limit_a = currents_a[b] * (met_b / duration_s) ** (1.0 / power)
+    limit_a = min(max(limit_a, 1.01 * currents_a[ref]), currents_a[b])  # never on the held one
+    slope = math.log(crossing_v(limit_a, duration_s) / ref_v) / math.log(limit_a / currents_a[ref])
+    placed_v = ref_v * (currents_a[b] / currents_a[ref]) ** min(max(slope, 0.0), POWER_LAW_MAX)
+    return min(placed_v, PAST_LIMIT_MAX * crossing_v(currents_a[b], duration_s))
+
+
+def _extended(trajectory, time_s: float) -> float:
+    """A held pulse's overpotential at ``time_s``, past its end carried on at the slope of
+    its last third (it grows more slowly as it goes: the line stays above it)."""
+    pulse_s, eta_v = trajectory
+    if time_s <= pulse_s[-1]:
+        return float(np.interp(time_s, pulse_s, eta_v))
+    start_s = 2.0 * pulse_s[-1] / 3.0
+    slope = (eta_v[-1] - np.interp(start_s, pulse_s, eta_v)) / (pulse_s[-1] - start_s)
+    return float(eta_v[-1] + max(slope, 0.0) * (time_s - pulse_s[-1]))
+
+
+def _round_significant(values, digits: int = 3) -> np.ndarray:
+    """Values rounded to ``digits`` significant digits: a ladder's currents as set."""
+    values = np.asarray(values, dtype=float)
+    scale = 10.0 ** (digits - 1 - np.floor(np.log10(values)))
+    return np.round(values * scale) / scale
+
+
+def power_grid(fits: list[PowerFit]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Put every power test on one grid: the SOC levels of the test with the most pulses
+    (rounded to 0.001), each test interpolated onto them (held at its own ends beyond).
+    Returns soc (n_soc,), temp_c (n_temp,), currents_a (n_currents,) and overpotential_v
+    (n_temp, n_soc, 2, n_currents, n_durations). The tests must share one current ladder
+    (one procedure at every temperature).
+    """
+    fits = sorted(fits, key=lambda fit: fit.temp_c)
+    tested = np.array([fit.temp_c for fit in fits])
+    if np.unique(tested).size != tested.size:
+        raise FitError(f"two power tests at the same temperature ({tested} degC)")
+    if len({fit.durations_s for fit in fits}) != 1:
+        raise FitError("power tests measured at different durations")
+    currents_a = fits[0].currents_a
+    for fit in fits[1:]:
+        if not np.array_equal(fit.currents_a, currents_a):
+            raise FitError(
+                f"power tests pulse different currents ({list(currents_a)} A at "
+                f"{fits[0].temp_c:g} degC, {list(fit.currents_a)} A at {fit.temp_c:g} degC): "
+                "run one procedure at every temperature"
+            )
+    densest = max(fits, key=lambda fit: fit.pulses)
+    soc_grid = np.unique(np.clip(np.round(densest.soc, 3), 0.0, 1.0))
+    n_durations = len(fits[0].durations_s)
+    table = np.empty((tested.size, soc_grid.size, 2, currents_a.size, n_durations))
+    for t, fit in enumerate(fits):
+        for direction, k, d in itertools.product(
+            range(2), range(currents_a.size), range(n_durations)
+        ):
+            table[t, :, direction, k, d] = np.interp(
+                soc_grid, fit.soc, fit.overpotential_v[:, direction, k, d]
+            )
+    return soc_grid, tested, currents_a, table

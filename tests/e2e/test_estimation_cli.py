@@ -13,8 +13,8 @@ import pytest
 from bms.csvio import write_columns
 from bms.estimation import ecm
 from bms.estimation.cell_params import load_cell_params
-from tests.conftest import REPO, run_bms
-from tests.unit.estimation.synthetic import hppc_test, ocv_test
+from tests.conftest import REPO, run_bms, run_identify
+from tests.unit.estimation.synthetic import hppc_test, ocv_test, power_test
 
 pytestmark = pytest.mark.e2e
 CELL = load_cell_params(REPO / "models" / "ecm" / "generic_nmc")
@@ -48,13 +48,9 @@ def tests_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def identified(tests_dir):
     out = tests_dir / "set"
-    proc = run_bms(
-        "identify",
-        "--ocv", str(tests_dir / "ocv.csv"),
-        "--hppc", str(tests_dir / "hppc_0C.csv"),
-        "--hppc", str(tests_dir / "hppc_40C.csv"),
-        "--out", str(out),
-    )  # fmt: skip
+    proc = run_identify(
+        out, tests_dir / "ocv.csv", [tests_dir / "hppc_0C.csv", tests_dir / "hppc_40C.csv"]
+    )
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
@@ -75,28 +71,42 @@ def test_identify_writes_a_set_the_bms_loads_with_its_provenance(tests_dir, iden
         )
     assert head["provenance"]["pulses_per_test"] == [9, 9]
     # A second run would overwrite: refused without --force.
-    again = run_bms(
-        "identify", "--ocv", str(tests_dir / "ocv.csv"), "--hppc", str(tests_dir / "hppc_0C.csv"),
-        "--out", str(out),
-    )  # fmt: skip
+    again = run_identify(out, tests_dir / "ocv.csv", [tests_dir / "hppc_0C.csv"])
     assert again.returncode == 2 and "use --force" in again.stderr
+
+
+def test_identify_with_power_tests_writes_a_power_map(tests_dir, tmp_path):
+    """Power tests at two temperatures give the set a power map, which the estimator then
+    uses for its limits; the sources are in the provenance."""
+    for temp_c in (0.0, 40.0):
+        data = power_test(CELL, temp_c, (0.8, 0.3), (2.0, 20.0), dt_s=1.0, rest_s=3600.0)
+        write_test(tmp_path / f"power_{temp_c:g}C.csv", data)
+    out = tmp_path / "set"
+    powers = [tmp_path / "power_0C.csv", tmp_path / "power_40C.csv"]
+    proc = run_identify(out, tests_dir / "ocv.csv", [tests_dir / "hppc_0C.csv"], powers)
+    assert proc.returncode == 0, proc.stderr
+    assert "power map over 2 SOC points x 2 temperatures x 2 currents up to 20 A" in proc.stdout
+    cell = load_cell_params(out)
+    assert cell.has_power_map
+    head = tomllib.loads((out / "params.toml").read_text())
+    assert head["power_table"] == "power.csv"
+    roles = {s["file"]: s["role"] for s in head["provenance"]["sources"]}
+    assert roles["power_0C.csv"] == roles["power_40C.csv"] == "power"
+    assert head["provenance"]["power_test_temps_c"] == [0.0, 40.0]
+    hppc = [tests_dir / "hppc_0C.csv"]
+    bad = run_identify(tmp_path / "refused", tests_dir / "ocv.csv", hppc, hppc)
+    assert bad.returncode == 2 and "1 current(s); a power test needs at least two" in bad.stderr
 
 
 def test_a_failed_identify_leaves_the_set_it_would_replace_untouched(tests_dir, tmp_path):
     good = tmp_path / "good"
-    proc = run_bms(
-        "identify", "--ocv", str(tests_dir / "ocv.csv"), "--hppc", str(tests_dir / "hppc_0C.csv"),
-        "--out", str(good),
-    )  # fmt: skip
+    proc = run_identify(good, tests_dir / "ocv.csv", [tests_dir / "hppc_0C.csv"])
     assert proc.returncode == 0, proc.stderr
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     # A pulse test with too few pulses for the fit: refused even with --force.
     short = tmp_path / "short.csv"
     short.write_text("\n".join((tests_dir / "hppc_0C.csv").read_text().splitlines()[:3000]))
-    proc = run_bms(
-        "identify", "--ocv", str(tests_dir / "ocv.csv"), "--hppc", str(short),
-        "--out", str(good), "--force",
-    )  # fmt: skip
+    proc = run_identify(good, tests_dir / "ocv.csv", [short], [], "--force")
     assert proc.returncode == 2 and "discharge pulse(s)" in proc.stderr
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "short.csv"]
@@ -104,18 +114,13 @@ def test_a_failed_identify_leaves_the_set_it_would_replace_untouched(tests_dir, 
 
 def test_identify_names_what_is_wrong_with_the_data(tests_dir, tmp_path):
     flipped = write_test(tmp_path / "ocv_flipped.csv", ocv_test(CELL), current_sign=-1.0)
-    proc = run_bms(
-        "identify", "--ocv", str(flipped), "--hppc", str(tests_dir / "hppc_0C.csv"),
-        "--out", str(tmp_path / "set"),
-    )  # fmt: skip
+    proc = run_identify(tmp_path / "set", flipped, [tests_dir / "hppc_0C.csv"])
     assert proc.returncode == 2
     assert "ocv_flipped.csv: the voltage rises while the current is negative" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ocv_flipped.csv"]  # nothing half-made
     broken = tmp_path / "broken.csv"
     broken.write_text("time_s,current_a,voltage_v\n0,0,3.7\n")
-    proc = run_bms(
-        "identify", "--ocv", str(broken), "--hppc", str(broken), "--out", str(tmp_path / "s")
-    )
+    proc = run_identify(tmp_path / "s", broken, [broken])
     assert proc.returncode == 2 and "broken.csv: missing column(s) temp_c" in proc.stderr
 
 

@@ -80,3 +80,68 @@ def test_csv_from_a_spreadsheet_reads_and_errors_keep_their_line_numbers(tmp_pat
     path.write_text("time_s,current_a\n0,1.5\n\n1,x\n")
     with pytest.raises(CsvError, match=r"excel.csv:4: current_a is not a number: 'x'"):
         read_columns(path, ("time_s", "current_a"))
+
+
+def power_csv(rows: list[tuple[float, float, float, float, float]]) -> str:
+    return "temp_c,soc,current_a,duration_s,overpotential_v\n" + "".join(
+        ",".join(f"{v:g}" for v in row) + "\n" for row in rows
+    )
+
+
+def full_power_rows(eta=lambda temp_c, soc, amps, duration_s: 0.01 * abs(amps)):
+    return [
+        (temp_c, soc, amps, duration_s, eta(temp_c, soc, amps, duration_s))
+        for temp_c in (0.0, 40.0)
+        for soc in (0.0, 1.0)
+        for amps in (-10.0, -1.0, 1.0, 10.0)
+        for duration_s in (2.0, 10.0, 30.0)
+    ]
+
+
+def test_a_power_map_loads_in_the_kernel_layout(linear_dir):
+    (linear_dir / "power.csv").write_text(
+        power_csv(
+            full_power_rows(
+                lambda t, s, a, d: 0.001 * abs(a) + 0.0001 * d + 0.00001 * t + 0.05 * (a > 0) + 0.1
+            )
+        )
+    )
+    (linear_dir / "params.toml").write_text(
+        (linear_dir / "params.toml")
+        .read_text()
+        .replace("[ekf]", 'power_table = "power.csv"\n\n[ekf]')
+    )
+    cell = load_cell_params(linear_dir)
+    assert cell.has_power_map
+    power_map = cell.power_map
+    assert list(power_map.current_a) == [1.0, 10.0] and list(power_map.temp_c) == [0.0, 40.0]
+    # direction 0 is discharge (-1 and -10 A), 1 charge; last axis the durations
+    assert power_map.overpotential_v[1, 1, 0, 1, 2] == pytest.approx(0.01 + 0.003 + 0.0004 + 0.1)
+    assert power_map.overpotential_v[0, 1, 1, 0, 0] == pytest.approx(0.001 + 0.0002 + 0.05 + 0.1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (full_power_rows()[:-1], "not a full grid"),
+        ([*full_power_rows(), full_power_rows()[0]], "not a full grid"),
+        ([r for r in full_power_rows() if r[2] != -10.0], "same magnitudes"),
+        ([r for r in full_power_rows() if r[3] != 30.0], "duration_s must be exactly"),
+        ([(*r[:4], -r[4]) for r in full_power_rows()], "must be a number > 0"),
+        (full_power_rows(lambda t, s, a, d: 1.0 / abs(a)), "must not fall"),
+    ],
+)
+def test_broken_power_maps_name_the_problem(linear_dir, rows, message):
+    (linear_dir / "power.csv").write_text(power_csv(rows))
+    (linear_dir / "params.toml").write_text(
+        (linear_dir / "params.toml")
+        .read_text()
+        .replace("[ekf]", 'power_table = "power.csv"\n\n[ekf]')
+    )
+    with pytest.raises(CellParamsError) as excinfo:
+        load_cell_params(linear_dir)
+    assert message in str(excinfo.value) and "power.csv" in str(excinfo.value)
+
+
+def test_a_set_without_a_power_map_has_none(generic):
+    assert not generic.has_power_map and generic.power_map.current_a.size == 0

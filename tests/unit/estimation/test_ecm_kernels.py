@@ -258,6 +258,7 @@ def limits_for(cell, state, temp_c, durations=(2.0, 10.0, 30.0), cap_a=1000.0):
     charge, discharge = np.empty((n, len(durations))), np.empty((n, len(durations)))
     power_limits(
         tuple(cell.tables),
+        tuple(cell.power_map),
         np.full(n, cell.capacity_ah),
         x,
         np.full(n, temp_c, dtype=float),
