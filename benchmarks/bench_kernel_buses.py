@@ -1,7 +1,8 @@
 """Real kernel buses in the qemu guest: what the guest measures, and what the boot costs.
 
-Runs what ``tests/kernel/test_kernel_guest.py`` runs (set-up, the Numba cache, one boot with
-every guest test) and prints, as a Markdown table for benchmarks/RESULTS.md:
+Runs the guest tests that ``tests/kernel/test_kernel_guest.py`` checks (set-up, the Numba
+cache, and a boot of its own with busybox as init, running only those tests, not the systemd
+checks) and prints, as a Markdown table for benchmarks/RESULTS.md:
 
 - the set-up's time (about a second when warm; a cold machine also installs qemu and fetches
   the kernel), the Numba cache's (a cold cache compiles for seconds), the boot's;

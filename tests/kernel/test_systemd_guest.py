@@ -1,10 +1,12 @@
-"""bms.service under systemd itself: boot the qemu guest with the host's systemd as PID 1 and
-check the unit with systemctl and journalctl there (guest/systemd/systemd_checks.py).
+"""bms.service under systemd itself: in the qemu guest with the host's systemd as PID 1, check
+the unit with systemctl and journalctl there (guest/systemd/systemd_checks.py).
 
 The host's PID 1 is not systemd, so this is where the unit meets a real service manager: its
 Type=notify start, WatchdogSec=, Restart=, ExecReload= and ExecStopPost= (see
-systemd_guest.py and guest/systemd/). A set-up that fails, a guest that does not boot or
-finish in time, and any failing check all fail this test, with the guest's output.
+systemd_guest.py and guest/systemd/). The checks run in the tests' one boot (the
+``guest_boot`` fixture, conftest.py), after the guest tests. A set-up that fails, a guest that
+does not boot or finish in time, and any failing check all fail this test, with the guest's
+output.
 """
 
 from __future__ import annotations
@@ -14,16 +16,10 @@ import json
 from tests.kernel import harness, systemd_guest
 
 
-def test_bms_service_under_systemd_as_pid_1():
-    with harness.exclusive():
-        image = harness.set_up()
-        harness.prepare_share()
-        harness.warm_numba_cache()
-        systemd_guest.write_share_files()
-        run = systemd_guest.boot(image)
-        logs = (
-            f"the whole journal: {systemd_guest.WORK / 'journal.txt'}; the unit's: "
-            f"{harness.SHARE / 'logs' / 'bms-service-journal.txt'}"
-        )
-        metrics = harness.check_guest_run(run, systemd_guest.BOOT_TIMEOUT_S, logs, 80)
-    print(f"systemd guest run {run.elapsed_s:.1f} s: " + json.dumps(metrics, sort_keys=True))
+def test_bms_service_under_systemd_as_pid_1(guest_boot):
+    logs = (
+        f"the whole journal: {systemd_guest.WORK / 'journal.txt'}; the unit's: "
+        f"{harness.SHARE / 'logs' / 'bms-service-journal.txt'}"
+    )
+    metrics = harness.check_guest_run(guest_boot, systemd_guest.CHECK_RESULTS, logs, 80)
+    print(f"guest boot {guest_boot.elapsed_s:.1f} s: " + json.dumps(metrics, sort_keys=True))

@@ -33,12 +33,14 @@ SHARE = Path(os.environ["PYBMS_SHARE"])
 LOGS = SHARE / "logs"
 """The stderr of every process a guest test starts, kept for the host to show."""
 LOGS.mkdir(exist_ok=True)
+RESULTS = Path(os.environ["PYBMS_GUEST_RESULTS"])
+"""This pytest run's directory in the share (harness.guest_pytest_script sets it)."""
 
 
 @pytest.fixture(scope="session")
 def metrics():
     """Figures the tests measure (frames/s, losses, transactions/s), written to the share as
-    metrics.json for the host to report."""
+    ``RESULTS / "metrics.json"`` for the host to report."""
     figures: dict[str, float] = {}
     yield figures
-    (SHARE / "metrics.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
+    (RESULTS / "metrics.json").write_text(json.dumps(figures, indent=2, sort_keys=True))

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Prepares the qemu guest's root for systemd (tests/kernel/test_systemd_guest.py): run by the
-# guest's /init (init.sh) in that root, as root, before it hands PID 1 to /lib/systemd/systemd.
+# Prepares the qemu guest's root for systemd (the tests' one boot, tests/kernel/systemd_guest.py):
+# run by the guest's /init (init.sh) in that root, as root, before it hands PID 1 to
+# /lib/systemd/systemd.
 # The root is the host's / under a RAM overlay, so everything written here is gone at power-off.
 #
 # Installs what systemd/install.sh would, without its venv (pip under emulation would take
@@ -66,7 +67,8 @@ case "$REPO" in
       >"$UNITS/bms.service.d/checkout-in-tmp.conf"
     ;;
 esac
-for unit in bms-plant.service pybms-systemd-checks.service pybms-systemd-checks.target; do
+for unit in bms-plant.service pybms-bus-tests.service pybms-systemd-checks.service \
+  pybms-systemd-checks.target; do
   install -m 0644 "$HERE/$unit" "$UNITS/$unit"
 done
 # The host's own services that sysinit.target pulls in and this boot does not need.

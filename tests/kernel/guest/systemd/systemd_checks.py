@@ -3,9 +3,10 @@ journalctl: the start (active only after READY=1, STATUS= in StatusText), a relo
 the watchdog (a stopped process is killed with SIGABRT, the fail-safe runs, systemd restarts
 it), a latched fault found by its journal field, a refused reload, and the stop.
 
-Runs only in the guest that tests/kernel/test_systemd_guest.py boots (the pybms-systemd-checks
-service runs this file with pytest; it is named so that no other run collects it). The tests
-run in file order and share one service: each starts where the one before left it.
+Runs only in the tests' guest boot (tests/kernel/systemd_guest.py; the pybms-systemd-checks
+service runs this file with pytest once the guest tests are done; it is named so that no other
+run collects it). The tests run in file order and share one service: each starts where the one
+before left it.
 
 - ``bms.service`` is systemd/bms.service unchanged plus the drop-in ``bms-guest.conf``;
   ``bms-plant.service`` is the simulated pack on vcan0 that ``bms run`` reads.
