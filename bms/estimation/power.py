@@ -260,7 +260,8 @@ def power_limits(
     x: (n_cells, 3) EKF state; durations_s: (n_durations,). Updates ``count`` cells from
     ``first`` on (wrapping), so a large pack can spread the work over several cycles; writes
     their rows of charge_limit_a and discharge_limit_a, (n_cells, n_durations). A cell
-    already past a limit gets 0 in that direction; no limit exceeds ``cap_a``.
+    already past a limit gets 0 in that direction, and one whose state is not finite 0 in
+    both; no limit exceeds ``cap_a``.
     """
     tables = EcmTables(*tables)
     pmap = PowerMap(*pmap)
@@ -271,6 +272,10 @@ def power_limits(
     for m in range(min(count, n_cells)):
         c = (first + m) % n_cells
         soc, v1, v2 = x[c, 0], x[c, 1], x[c, 2]
+        if not (math.isfinite(soc) and math.isfinite(v1) and math.isfinite(v2)):
+            charge_limit_a[c, :] = 0.0  # a state we cannot trust carries no current
+            discharge_limit_a[c, :] = 0.0
+            continue
         rows = (
             at_temperature(tables.ocv_temp_c, temp_c[c]),
             at_temperature(tables.imp_temp_c, temp_c[c]),

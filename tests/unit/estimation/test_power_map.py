@@ -237,3 +237,14 @@ def test_the_times_to_the_limit_place_it_where_the_cell_depletes():
     power = math.log(out[1] / out[0]) / math.log(2.0)
     assert out[1] > 0.6
     assert 0.3 * (20.0 * math.sqrt(0.5) / 10.0) ** power == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "state", [[math.nan, 0.0, 0.0], [0.5, math.inf, 0.0], [0.5, 0.0, math.nan]]
+)
+def test_a_state_that_is_not_a_number_carries_no_current(generic, measured, state):
+    """With the map or without, a cell whose state is not finite gets 0 both ways (a search
+    over NaN gaps would otherwise climb to the cap)."""
+    for power_map in (None, as_map([measured])):
+        charge, discharge = limits(generic, state, power_map)
+        assert np.all(charge == 0.0) and np.all(discharge == 0.0)
