@@ -28,6 +28,7 @@ from bms.estimation.cell_params import (
     load_cell_params,
 )
 from bms.estimation.fitting import (
+    FitError,
     HppcFit,
     OcvFit,
     PowerFit,
@@ -41,6 +42,8 @@ from bms.estimation.fitting import (
 from bms.types import POWER_DURATIONS_S
 
 TEST_COLUMNS = ("time_s", "current_a", "voltage_v", "temp_c")
+POWER_TEMP_COVER_C = 5.0
+"""How far inside the pulse tests' coldest and warmest temperatures the power tests may stop."""
 DEFAULT_EKF = {
     "voltage_noise_v": 0.005,
     "current_noise_a": None,  # 1 % of 1C, set from the capacity
@@ -84,6 +87,8 @@ def identify(
     ocv = fit_ocv(read_test(ocv_path))
     hppc = [fit_hppc(read_test(path), ocv) for path in hppc_paths]
     power = [fit_power(read_test(path), ocv, POWER_DURATIONS_S) for path in power_paths]
+    if power:
+        _check_power_temperatures([fit.temp_c for fit in power], [fit.temp_c for fit in hppc])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -105,6 +110,20 @@ def identify(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return load_cell_params(out_dir)
+
+
+def _check_power_temperatures(power_c: list[float], pulse_c: list[float]) -> None:
+    """Refuse power tests that do not span the pulse tests' temperatures (within
+    POWER_TEMP_COVER_C): the estimator runs wherever the impedance tables go, and the power
+    map would be held at its own edge beyond them, optimistic in the cold."""
+    if min(power_c) > min(pulse_c) + POWER_TEMP_COVER_C or max(power_c) < (
+        max(pulse_c) - POWER_TEMP_COVER_C
+    ):
+        raise FitError(
+            f"the power tests ({', '.join(f'{t:g}' for t in sorted(power_c))} degC) do not span "
+            f"the pulse tests ({', '.join(f'{t:g}' for t in sorted(pulse_c))} degC): the state "
+            "of power would be extrapolated there; add power tests at those temperatures"
+        )
 
 
 def _write_set(

@@ -172,7 +172,7 @@ def load_cell_params(directory: Path) -> CellParams:
 def read_power_map(path: Path) -> PowerMap:
     """Read ``power.csv`` (see the module); CsvError unless it is a full grid over
     temperature, SOC in [0, 1], the same current magnitudes each way and exactly the
-    durations of POWER_DURATIONS_S, with every overpotential finite and >= 0."""
+    durations of POWER_DURATIONS_S, with every overpotential finite and > 0."""
     data = read_columns(path, POWER_COLUMNS)
     axes = [np.unique(data[name]) for name in POWER_COLUMNS[:4]]
     temps, socs, signed_a, durations = axes

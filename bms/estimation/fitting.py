@@ -49,16 +49,22 @@ POWER_MIN_REST_BEFORE_S = 1200.0
 follows a short rest and is not a pulse)."""
 POWER_LEVEL_SOC_STEP = 0.005
 """Pulses whose starting SOC differ by less than this belong to one level."""
+POWER_SOC_COVER = 0.02
+"""How far short of the others' lowest or highest SOC level a power test may stop."""
 POWER_UNHELD_MARGIN = 10.0
 """Where even the smallest current of the ladder was refused (past the limit at once), the
 test found no safe current: the limit there is taken as this fraction of it (a tenth)."""
+MIN_OVERPOTENTIAL_V = 1e-6
+"""A measured overpotential is never taken below this (noise, or an OCV a millivolt off,
+could make one zero or negative; the table's power laws need it positive)."""
 POWER_LAW_MAX = 40.0
 """Steepest power law (overpotential against current) the completed table puts between a
 held current and the next: steeper only overflows, it moves the limit by under 1 %."""
 PAST_LIMIT_MAX = 3.0
-"""At most this times the overpotential that meets the limit, past it: enough to place the
-limit, and not so much that interpolating over SOC towards a level where that current held
-would hide the limit there."""
+"""The time-to-limit rule puts at most this times the overpotential that meets the limit at
+the current past it (enough to place the limit; where it asks for more, the limit falls
+nearer the held current). The other rules are not capped: a large value past the limit only
+lowers the limit at the neighbouring levels interpolated towards it, the safe way."""
 TEMP_STEP_C = 5.0
 KELVIN = 273.15
 TAU1_GRID_S = np.geomspace(1.0, 200.0, 19)
@@ -116,13 +122,14 @@ class HppcFit:
 
 @dataclass(frozen=True)
 class PowerFit:
-    """One power test: overpotential (V, towards the limit, >= 0) of pulses from rest.
+    """One power test: overpotential (V, towards the limit) of pulses from rest.
 
     soc: (n_levels,) rising; currents_a: (n_currents,) rising magnitudes.
     measured_v: (n_levels, 2, n_currents, n_durations), direction 0 discharge, 1 charge; NaN
     where the pulse did not run or did not last that long before the cut-off.
     lasted_s: (n_levels, 2, n_currents): how long each pulse ran (NaN: not run).
-    headroom_v: (n_levels, 2): how far the rested cell was from each voltage limit.
+    headroom_v: (n_levels, 2): how far the rested cell was from each voltage limit (the
+    least over the level's pulses).
     overpotential_v: measured_v completed (see :func:`fit_power`), what the map holds.
     """
 
@@ -473,11 +480,14 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
     level_soc = np.array([np.median([p[0] for p in level]) for level in levels])
     for lv, level in enumerate(levels):
         trajectories = {}  # (direction, current index) -> (time_s, overpotential_v)
+        pulse_headroom_v = np.full((2, currents_a.size), np.nan)
         for pulse_soc, direction, amps, start, stop in level:
             k = int(np.searchsorted(currents_a, _round_significant([amps])[0]))
             sign = 1.0 if direction else -1.0
             rest_v = data.voltage_v[start - 1]
-            headroom_v[lv] = [rest_v - ocv.voltage_min_v, ocv.voltage_max_v - rest_v]
+            rest_headroom_v = [rest_v - ocv.voltage_min_v, ocv.voltage_max_v - rest_v]
+            pulse_headroom_v[direction, k] = rest_headroom_v[direction]
+            headroom_v[lv] = np.fmin(headroom_v[lv], rest_headroom_v)
             time_s = data.time_s[start:stop] - data.time_s[start]
             moves_v = _ocv_move_v(ocv, pulse_soc, sign * amps, time_s)
             trajectories[direction, k] = (
@@ -487,11 +497,18 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
             lasted_s[lv, direction, k] = time_s[-1]
         for direction, d in itertools.product(range(2), range(len(durations_s))):
             sign = 1.0 if direction else -1.0
+            # each pulse's own rest; one that did not run, the last rest before it
+            own_v = pulse_headroom_v[direction]
+            filled = np.where(np.isnan(own_v), headroom_v[lv, direction], own_v)
+            for k in range(1, currents_a.size):
+                if np.isnan(own_v[k]) and not np.isnan(own_v[:k]).all():
+                    filled[k] = own_v[:k][~np.isnan(own_v[:k])][-1]
 
-            def crossing_v(amps, time_s, lv=lv, direction=direction, sign=sign):
+            def crossing_v(amps, time_s, lv=lv, sign=sign, filled=filled):
                 """The overpotential a pulse of ``amps`` meets the limit with at ``time_s``."""
+                k = max(int(np.searchsorted(currents_a, amps, side="right")) - 1, 0)
                 move_v = _ocv_move_v(ocv, level_soc[lv], sign * amps, time_s)
-                return max(headroom_v[lv, direction] - float(move_v), 1e-4)
+                return max(filled[k] - float(move_v), 1e-4)
 
             row = [trajectories.get((direction, k)) for k in range(currents_a.size)]
             measured_v[lv, direction, :, d] = [
@@ -540,8 +557,9 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
     least in proportion to current from the held one. A pulse not run above every one that
     did was past the limit at once (``t`` = 0). A current not tried between two that ran is
     interpolated as a power law; where no pulse held the duration, the growth is taken as
-    sqrt(duration / t), and where even the smallest was refused, ``POWER_UNHELD_MARGIN``
-    times its crossing (a limit of about a tenth of it). The result rises with current.
+    sqrt(duration / t), and where even the smallest was refused (or no pulse ran that way at
+    all), ``POWER_UNHELD_MARGIN`` times its crossing (a limit of about a tenth of it). The
+    result rises with current.
     """
     n = currents_a.size
     ran = np.array([tr is not None for tr in trajectories])
@@ -549,7 +567,7 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
     out = np.full(n, np.nan)
     for k, tr in enumerate(trajectories):
         if tr is not None and tr[0][-1] >= duration_s - 1e-6:
-            out[k] = np.interp(duration_s, *tr)
+            out[k] = max(np.interp(duration_s, *tr), MIN_OVERPOTENTIAL_V)
     held = np.flatnonzero(~np.isnan(out))
     for k in np.flatnonzero(np.isnan(out)):
         if not ran[k] and tried_above[k]:
@@ -561,8 +579,8 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
         if held.size:
             ref = held[-1]
             squeeze = (currents_a[k] / currents_a[ref]) ** 2
-            growth = _extended(trajectories[ref], duration_s * squeeze) / _extended(
-                trajectories[ref], met_s * squeeze
+            growth = _extended(trajectories[ref], duration_s * squeeze) / max(
+                _extended(trajectories[ref], met_s * squeeze), MIN_OVERPOTENTIAL_V
             )
             in_proportion_v = out[ref] * currents_a[k] / currents_a[ref]
             out[k] = max(meets_v * max(growth, 1.0), in_proportion_v)
@@ -585,7 +603,7 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
         else:
             j = below[-1] if below.size else higher[0]
             out[k] = out[j] * currents_a[k] / currents_a[j]
-    return np.maximum.accumulate(np.maximum(out, 1e-6))
+    return np.maximum.accumulate(np.maximum(out, MIN_OVERPOTENTIAL_V))
 
 
 def _placed_by_time_to_limit(currents_a, trajectories, ref, ref_v, duration_s, crossing_v):
@@ -655,6 +673,17 @@ def power_grid(fits: list[PowerFit]) -> tuple[np.ndarray, np.ndarray, np.ndarray
             )
     densest = max(fits, key=lambda fit: fit.pulses)
     soc_grid = np.unique(np.clip(np.round(densest.soc, 3), 0.0, 1.0))
+    for fit in fits:
+        if (
+            fit.soc[0] > soc_grid[0] + POWER_SOC_COVER
+            or fit.soc[-1] < soc_grid[-1] - POWER_SOC_COVER
+        ):
+            raise FitError(
+                f"the power test at {fit.temp_c:g} degC covers SOC {fit.soc[0]:.3f}-"
+                f"{fit.soc[-1]:.3f}, the one at {densest.temp_c:g} degC {soc_grid[0]:.3f}-"
+                f"{soc_grid[-1]:.3f}: beyond its levels its state of power would be a guess "
+                "(run the same levels at every temperature)"
+            )
     n_durations = len(fits[0].durations_s)
     table = np.empty((tested.size, soc_grid.size, 2, currents_a.size, n_durations))
     for t, fit in enumerate(fits):

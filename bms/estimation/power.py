@@ -63,7 +63,7 @@ class PowerMap(NamedTuple):
 
     soc: (n_soc,) rising; temp_c: (n_temp,) rising; current_a: (n_currents,) rising
     magnitudes > 0; overpotential_v: (n_temp, n_soc, 2, n_currents, n_durations), towards the
-    limit (>= 0), direction 0 discharge and 1 charge, at the durations of POWER_DURATIONS_S.
+    limit (> 0), direction 0 discharge and 1 charge, at the durations of POWER_DURATIONS_S.
     A map without currents (:func:`no_power_map`) means the set has none.
     """
 
@@ -142,7 +142,8 @@ def _safer_limit(tables, rows, soc, capacity_ah, v1, v2, present, z, duration_s,
 def _ladder_overpotential(ladder_a, eta_v, amps):
     """Overpotential (V) at ``amps`` from its values eta_v (n,) at the ladder's currents
     ladder_a (n,): a power law between neighbours, in proportion to current below the first
-    and beyond the last (both on the safe side for a sub-linear curve)."""
+    (which understates a curve growing less than linearly a little; the first is small, C/10
+    in a power test) and beyond the last (the estimator caps the limit there)."""
     n = ladder_a.shape[0]
     if amps <= ladder_a[0]:
         return eta_v[0] * amps / ladder_a[0]
@@ -185,10 +186,10 @@ def _map_limit(
         eta_v[k] = low_t * (1.0 - wt) + high_t * wt
     at = (tables, ocv_row, ladder_a, eta_v, soc, soc_per_a, relax_v, target_v, sign)
     lo, gap_lo = 0.0, _map_gap(at, 0.0)
-    if gap_lo >= 0.0:
+    if not gap_lo < 0.0:  # past the limit already, or NaN: nothing is known to be safe
         return 0.0
     hi, gap_hi = cap_a, _map_gap(at, cap_a)
-    if gap_hi <= 0.0:
+    if gap_hi < 0.0:
         return cap_a
     below, above = -1, ladder_a.shape[0]  # bisect the ladder for the two currents around it
     while above - below > 1:
@@ -197,7 +198,7 @@ def _map_limit(
             above = mid_k
             continue
         gap = _map_gap(at, ladder_a[mid_k])
-        if gap >= 0.0:
+        if not gap < 0.0:
             above, hi, gap_hi = mid_k, ladder_a[mid_k], gap
         else:
             below, lo, gap_lo = mid_k, ladder_a[mid_k], gap
@@ -208,7 +209,7 @@ def _map_limit(
         if not lo < mid < hi:
             mid = 0.5 * (lo + hi)
         gap = _map_gap(at, mid)
-        if gap >= 0.0:
+        if not gap < 0.0:
             hi, gap_hi = mid, gap
             gap_lo *= 0.5
         else:
@@ -293,7 +294,7 @@ def power_limits(
                                         eta_v)  # fmt: skip
                 charge_limit_a[c, d] = charge
                 discharge_limit_a[c, d] = discharge
-                continue
+                continue  # the map's limits lie in [0, cap_a] already
             charge = _safer_limit(
                 tables, rows[:2], soc, capacity_ah[c], v1, v2, present, z, duration,
                 voltage_max_v, 1.0,
@@ -304,3 +305,8 @@ def power_limits(
             )  # fmt: skip
             charge_limit_a[c, d] = min(max(charge, 0.0), cap_a)
             discharge_limit_a[c, d] = min(max(discharge, 0.0), cap_a)
+        for d in range(1, durations_s.shape[0]):
+            # what a cell cannot carry for 10 s it cannot carry for 30 (the checks at a
+            # pulse's start and end alone can miss a polarisation peaking between them)
+            charge_limit_a[c, d] = min(charge_limit_a[c, d], charge_limit_a[c, d - 1])
+            discharge_limit_a[c, d] = min(discharge_limit_a[c, d], discharge_limit_a[c, d - 1])

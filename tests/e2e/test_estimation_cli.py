@@ -96,6 +96,10 @@ def test_identify_with_power_tests_writes_a_power_map(tests_dir, tmp_path):
     hppc = [tests_dir / "hppc_0C.csv"]
     bad = run_identify(tmp_path / "refused", tests_dir / "ocv.csv", hppc, hppc)
     assert bad.returncode == 2 and "1 current(s); a power test needs at least two" in bad.stderr
+    # power tests only warm, pulse tests cold too: the map would be extrapolated into the cold
+    warm = run_identify(tmp_path / "warm", tests_dir / "ocv.csv", hppc, powers[1:])
+    assert warm.returncode == 2
+    assert "power tests (40 degC) do not span the pulse tests (0 degC)" in warm.stderr
 
 
 def test_a_failed_identify_leaves_the_set_it_would_replace_untouched(tests_dir, tmp_path):

@@ -128,12 +128,6 @@ def test_a_pulse_no_current_held_leaves_a_limit_below_the_ladder(generic, ocv_fi
     assert np.all(map_discharge <= ecm_discharge * 1.001)
 
 
-def test_filled_entries_rise_with_current(measured):
-    table = power_grid([measured])[3]
-    assert np.all(np.diff(table, axis=3) >= 0.0)
-    assert np.all(np.isfinite(table)) and np.all(table > 0.0)
-
-
 def test_present_polarisation_towards_the_limit_lowers_the_limit(generic, measured):
     power_map = as_map([measured])
     _, rested = limits(generic, [0.5, 0.0, 0.0], power_map)
@@ -248,3 +242,14 @@ def test_a_state_that_is_not_a_number_carries_no_current(generic, measured, stat
     for power_map in (None, as_map([measured])):
         charge, discharge = limits(generic, state, power_map)
         assert np.all(charge == 0.0) and np.all(discharge == 0.0)
+
+
+def test_power_tests_over_different_soc_ranges_are_refused(generic, ocv_fit):
+    """A test that stops short of the others' levels would be held at its own edge beyond
+    them (optimistic towards empty): refused, saying which."""
+    wide = fit_power(
+        power_test(generic, 25.0, (0.9, 0.5, 0.1), (1.0, 5.0)), ocv_fit, POWER_DURATIONS_S
+    )
+    short = fit_power(power_test(generic, 0.0, (0.9, 0.5), (1.0, 5.0)), ocv_fit, POWER_DURATIONS_S)
+    with pytest.raises(FitError, match=r"power test at 0 degC covers SOC 0\.50\d-0\.90\d"):
+        power_grid([wide, short])
