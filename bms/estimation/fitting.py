@@ -49,6 +49,8 @@ POWER_MIN_REST_BEFORE_S = 1200.0
 follows a short rest and is not a pulse)."""
 POWER_LEVEL_SOC_STEP = 0.005
 """Pulses whose starting SOC differ by less than this belong to one level."""
+LADDER_TOLERANCE = 0.02
+"""Pulse currents within this fraction of each other are one rung of a power test's ladder."""
 POWER_SOC_COVER = 0.02
 """How far short of the others' lowest or highest SOC level a power test may stop."""
 POWER_UNHELD_MARGIN = 10.0
@@ -461,13 +463,13 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
             "a power test pulses from a rested cell (pulses up to "
             f"{MAX_PULSE_S:.0f} s)"
         )
-    levels: list[list[tuple]] = []
-    for pulse in pulses:
+    currents_a, rungs = _ladder([p[2] for p in pulses])
+    levels: list[list[tuple]] = []  # each pulse with its rung of the ladder
+    for pulse, rung in zip(pulses, rungs, strict=True):
         if levels and abs(pulse[0] - levels[-1][0][0]) < POWER_LEVEL_SOC_STEP:
-            levels[-1].append(pulse)
+            levels[-1].append((*pulse, int(rung)))
         else:
-            levels.append([pulse])
-    currents_a = np.unique(_round_significant([p[2] for p in pulses]))
+            levels.append([(*pulse, int(rung))])
     if len(levels) < 2 or currents_a.size < 2:
         raise FitError(
             f"{data.name}: pulses at {len(levels)} SOC level(s) and {currents_a.size} "
@@ -481,8 +483,7 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
     for lv, level in enumerate(levels):
         trajectories = {}  # (direction, current index) -> (time_s, overpotential_v)
         pulse_headroom_v = np.full((2, currents_a.size), np.nan)
-        for pulse_soc, direction, amps, start, stop in level:
-            k = int(np.searchsorted(currents_a, _round_significant([amps])[0]))
+        for pulse_soc, direction, amps, start, stop, k in level:
             sign = 1.0 if direction else -1.0
             rest_v = data.voltage_v[start - 1]
             rest_headroom_v = [rest_v - ocv.voltage_min_v, ocv.voltage_max_v - rest_v]
@@ -643,11 +644,20 @@ def _extended(trajectory, time_s: float) -> float:
     return float(eta_v[-1] + max(slope, 0.0) * (time_s - pulse_s[-1]))
 
 
-def _round_significant(values, digits: int = 3) -> np.ndarray:
-    """Values rounded to ``digits`` significant digits: a ladder's currents as set."""
-    values = np.asarray(values, dtype=float)
-    scale = 10.0 ** (digits - 1 - np.floor(np.log10(values)))
-    return np.round(values * scale) / scale
+def _ladder(amps: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The ladder's currents (rising) and each pulse's rung in it: pulses within
+    LADDER_TOLERANCE of a rung's smallest are that rung (a cycler's current wanders by a
+    fraction of a per cent), whose current is their median to 3 significant digits."""
+    rungs = np.empty(len(amps), dtype=int)
+    groups: list[list[float]] = []
+    for i in np.argsort(amps):
+        if not groups or amps[i] > groups[-1][0] * (1.0 + LADDER_TOLERANCE):
+            groups.append([])
+        groups[-1].append(amps[i])
+        rungs[i] = len(groups) - 1
+    medians = np.array([np.median(group) for group in groups])
+    scale = 10.0 ** (2 - np.floor(np.log10(medians)))
+    return np.round(medians * scale) / scale, rungs
 
 
 def power_grid(fits: list[PowerFit]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -665,7 +675,9 @@ def power_grid(fits: list[PowerFit]) -> tuple[np.ndarray, np.ndarray, np.ndarray
         raise FitError("power tests measured at different durations")
     currents_a = fits[0].currents_a
     for fit in fits[1:]:
-        if not np.array_equal(fit.currents_a, currents_a):
+        if fit.currents_a.shape != currents_a.shape or not np.allclose(
+            fit.currents_a, currents_a, rtol=LADDER_TOLERANCE, atol=0.0
+        ):
             raise FitError(
                 f"power tests pulse different currents ({list(currents_a)} A at "
                 f"{fits[0].temp_c:g} degC, {list(fit.currents_a)} A at {fit.temp_c:g} degC): "

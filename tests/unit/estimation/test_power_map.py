@@ -253,3 +253,17 @@ def test_power_tests_over_different_soc_ranges_are_refused(generic, ocv_fit):
     short = fit_power(power_test(generic, 0.0, (0.9, 0.5), (1.0, 5.0)), ocv_fit, POWER_DURATIONS_S)
     with pytest.raises(FitError, match=r"power test at 0 degC covers SOC 0\.50\d-0\.90\d"):
         power_grid([wide, short])
+
+
+def test_a_current_that_wanders_a_little_stays_one_rung(generic, ocv_fit):
+    """A cycler's 1.5 A is 1.4949 A at one level and 1.5004 A at another: one rung of the
+    ladder, not two."""
+    data = power_test(generic, 25.0, (0.9, 0.5), (1.5, 5.0))
+    wander = np.where(np.abs(data.current_a) == 1.5, data.current_a * 0.99660, data.current_a)
+    wander[: wander.size // 2] = np.where(
+        np.abs(data.current_a[: wander.size // 2]) == 1.5,
+        data.current_a[: wander.size // 2] * 1.00027,
+        wander[: wander.size // 2],
+    )
+    fit = fit_power(dataclasses.replace(data, current_a=wander), ocv_fit, POWER_DURATIONS_S)
+    assert list(fit.currents_a) == [1.5, 5.0]
