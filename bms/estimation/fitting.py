@@ -499,11 +499,12 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
         for direction, d in itertools.product(range(2), range(len(durations_s))):
             sign = 1.0 if direction else -1.0
             # each pulse's own rest; one that did not run, the last rest before it
-            own_v = pulse_headroom_v[direction]
-            filled = np.where(np.isnan(own_v), headroom_v[lv, direction], own_v)
-            for k in range(1, currents_a.size):
-                if np.isnan(own_v[k]) and not np.isnan(own_v[:k]).all():
-                    filled[k] = own_v[:k][~np.isnan(own_v[:k])][-1]
+            filled = pulse_headroom_v[direction].copy()
+            last_v = headroom_v[lv, direction]
+            for k in range(currents_a.size):
+                if np.isnan(filled[k]):
+                    filled[k] = last_v
+                last_v = filled[k]
 
             def crossing_v(amps, time_s, lv=lv, sign=sign, filled=filled):
                 """The overpotential a pulse of ``amps`` meets the limit with at ``time_s``."""
@@ -512,11 +513,7 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
                 return max(filled[k] - float(move_v), 1e-4)
 
             row = [trajectories.get((direction, k)) for k in range(currents_a.size)]
-            measured_v[lv, direction, :, d] = [
-                np.interp(durations_s[d], *tr) if tr and tr[0][-1] >= durations_s[d] - 1e-6
-                else np.nan
-                for tr in row
-            ]  # fmt: skip
+            measured_v[lv, direction, :, d] = [_held_at(tr, durations_s[d]) for tr in row]
             overpotential_v[lv, direction, :, d] = complete_power_level(
                 currents_a, row, durations_s[d], crossing_v
             )
@@ -562,13 +559,9 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
     all), ``POWER_UNHELD_MARGIN`` times its crossing (a limit of about a tenth of it). The
     result rises with current.
     """
-    n = currents_a.size
     ran = np.array([tr is not None for tr in trajectories])
     tried_above = np.flip(np.logical_or.accumulate(np.flip(ran)))
-    out = np.full(n, np.nan)
-    for k, tr in enumerate(trajectories):
-        if tr is not None and tr[0][-1] >= duration_s - 1e-6:
-            out[k] = max(np.interp(duration_s, *tr), MIN_OVERPOTENTIAL_V)
+    out = np.maximum([_held_at(tr, duration_s) for tr in trajectories], MIN_OVERPOTENTIAL_V)
     held = np.flatnonzero(~np.isnan(out))
     for k in np.flatnonzero(np.isnan(out)):
         if not ran[k] and tried_above[k]:
@@ -605,6 +598,13 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
             j = below[-1] if below.size else higher[0]
             out[k] = out[j] * currents_a[k] / currents_a[j]
     return np.maximum.accumulate(np.maximum(out, MIN_OVERPOTENTIAL_V))
+
+
+def _held_at(trajectory, duration_s: float) -> float:
+    """A pulse's overpotential at ``duration_s``, NaN if it did not run or end that late."""
+    if trajectory is None or trajectory[0][-1] < duration_s - 1e-6:
+        return math.nan
+    return float(np.interp(duration_s, *trajectory))
 
 
 def _placed_by_time_to_limit(currents_a, trajectories, ref, ref_v, duration_s, crossing_v):

@@ -219,15 +219,12 @@ def _map_limit(
 
 
 @njit(cache=True, inline="always")
-def _map_limits(tables, rows, pmap, soc, capacity_ah, v1, v2, present, duration_s, d,
-                target_v, sign, cap_a, eta_v):  # fmt: skip
+def _map_limits(tables, rows, pmap, soc, soc_per_a, v1, v2, relax_end_v, d, target_v, sign,
+                cap_a, eta_v):  # fmt: skip
     """:func:`_map_limit` at the pulse's end, and where the present polarisation pushes
     towards the limit more now than it will then, also at its start (undecayed, with the
-    shortest duration's overpotential): the smaller."""
-    a1, _ = rc_decay(present[R1], present[C1], duration_s)
-    a2, _ = rc_decay(present[R2], present[C2], duration_s)
-    relax_end_v = v1 * a1 + v2 * a2
-    soc_per_a = duration_s / (SECONDS_PER_HOUR * capacity_ah)
+    shortest duration's overpotential): the smaller. relax_end_v: what the present
+    polarisation v1 + v2 has decayed to by the pulse's end."""
     limit = _map_limit(tables, rows[0], pmap, rows[2], soc, soc_per_a, relax_end_v, d,
                        target_v, sign, cap_a, eta_v)  # fmt: skip
     if sign * (v1 + v2) > sign * relax_end_v:
@@ -286,11 +283,15 @@ def power_limits(
         present[5] = ocv_at(tables, rows[0], soc)[0]
         for d in range(durations_s.shape[0]):
             duration = durations_s[d]
-            if measured:
-                charge = _map_limits(tables, rows, pmap, soc, capacity_ah[c], v1, v2, present,
-                                     duration, d, voltage_max_v, 1.0, cap_a, eta_v)  # fmt: skip
-                discharge = _map_limits(tables, rows, pmap, soc, capacity_ah[c], v1, v2,
-                                        present, duration, d, voltage_min_v, -1.0, cap_a,
+            if measured:  # the polarisation's decay serves both ways
+                a1, _ = rc_decay(present[R1], present[C1], duration)
+                a2, _ = rc_decay(present[R2], present[C2], duration)
+                relax_end_v = v1 * a1 + v2 * a2
+                soc_per_a = duration / (SECONDS_PER_HOUR * capacity_ah[c])
+                charge = _map_limits(tables, rows, pmap, soc, soc_per_a, v1, v2, relax_end_v,
+                                     d, voltage_max_v, 1.0, cap_a, eta_v)  # fmt: skip
+                discharge = _map_limits(tables, rows, pmap, soc, soc_per_a, v1, v2,
+                                        relax_end_v, d, voltage_min_v, -1.0, cap_a,
                                         eta_v)  # fmt: skip
                 charge_limit_a[c, d] = charge
                 discharge_limit_a[c, d] = discharge

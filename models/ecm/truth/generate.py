@@ -254,6 +254,12 @@ def write_csv(path: Path, cols: dict, idx: np.ndarray, time_decimals: int = 1) -
     return {"rows": len(idx)}
 
 
+def first_per_period(time_s: np.ndarray, period_s: float) -> np.ndarray:
+    """Mask of the first sample in every ``period_s`` of time (the sparse part of a log)."""
+    bins = np.floor(time_s / period_s + 1e-9)
+    return np.concatenate([[True], bins[1:] != bins[:-1]])
+
+
 def _coulomb_check(cols: dict) -> float:
     """max |soc_true - (soc_true[0] + trapz(current)/Q)| over the full-resolution solution."""
     t, i = cols["time_s"], cols["current_a"]
@@ -292,9 +298,7 @@ def job_ocv(out: Path, model_kind: str) -> dict:
     near = np.zeros(len(t), dtype=bool)
     for tc in changes:
         near |= (t >= tc - 300.0 - 1e-6) & (t <= tc + 300.0 + 1e-6)
-    bins = np.floor(t / 60.0 + 1e-9)
-    first_in_bin = np.concatenate([[True], bins[1:] != bins[:-1]])
-    idx = np.flatnonzero(near | first_in_bin)
+    idx = np.flatnonzero(near | first_per_period(t, 60.0))
     idx = np.concatenate([idx, [0, len(t) - 1]])
     info = write_csv(out / "ocv_25C.csv", cols, idx)
     subs = sol.sub_solutions
@@ -414,9 +418,7 @@ def job_hppc(out: Path, model_kind: str, temp_c: float) -> dict:
     win = np.zeros(len(t), dtype=bool)
     for tc in changes:
         win |= (t >= tc - 2.0 - 1e-6) & (t <= tc + 120.0 + 1e-6)
-    bins = np.floor(t / 30.0 + 1e-9)
-    first_in_bin = np.concatenate([[True], bins[1:] != bins[:-1]])
-    idx = np.concatenate([np.flatnonzero(win | first_in_bin), [0, len(t) - 1]])
+    idx = np.concatenate([np.flatnonzero(win | first_per_period(t, 30.0)), [0, len(t) - 1]])
     name = f"hppc_{int(temp_c)}C.csv"
     info = write_csv(out / name, cols, idx)
     truncated = [
@@ -747,8 +749,7 @@ def job_power(out: Path, model_kind: str, temp_c: float) -> dict:
         if b + 1 < t.size and sub.t[-1] - sub.t[0] >= 0.02:
             t[b] -= 0.01
             crowding[a:b] = t[a:b] > t[b] - 0.006  # would round onto or past it
-    bins = np.floor(t / 60.0 + 1e-9)
-    keep |= np.concatenate([[True], bins[1:] != bins[:-1]])
+    keep |= first_per_period(t, 60.0)
     idx = np.flatnonzero(keep & ~crowding)
     info = write_csv(out / f"power_{int(temp_c)}C.csv", cols, idx, time_decimals=2)
     info.update(
@@ -901,8 +902,7 @@ def make_fixtures(out: Path, fix: Path) -> None:
     lines = read("ocv_25C.csv")
     t = np.array([float(ln.split(",")[0]) for ln in lines])
     i = np.array([float(ln.split(",")[1]) for ln in lines])
-    b = np.floor(t / 300.0 + 1e-9)
-    keep = np.concatenate([[True], b[1:] != b[:-1]])
+    keep = first_per_period(t, 300.0)
     chg = np.concatenate([[False], np.abs(np.diff(i)) > 0.02])
     keep |= chg | np.concatenate([chg[1:], [False]])  # row before and after each step change
     keep[-1] = True
