@@ -226,6 +226,8 @@ def _params_toml(
         lines += [
             f"power_test_temps_c = {_toml_value([fit.temp_c for fit in power])}",
             f"power_pulses_per_test = {_toml_value([fit.pulses for fit in power])}",
+            # ended short of the longest duration away from the limit: left out
+            f"power_pulses_interrupted = {_toml_value([fit.interrupted for fit in power])}",
         ]
     for role, path, temp_c in sources:
         lines += [
@@ -258,7 +260,17 @@ def describe(cell: CellParams) -> str:
             f", power map over {cell.power_map.soc.size} SOC points x "
             f"{cell.power_map.temp_c.size} temperatures x {cell.power_map.current_a.size} "
             f"currents up to {cell.power_map.current_a[-1]:g} A"
+            + _interrupted_note(cell.provenance.get("power_pulses_interrupted", []))
             if cell.has_power_map
             else ""
         )
+    )
+
+
+def _interrupted_note(per_test: list[int]) -> str:
+    if not any(per_test):
+        return ""
+    return (
+        f" ({sum(per_test)} power-test pulse(s) left out: they ended before "
+        f"{POWER_DURATIONS_S[-1]:g} s away from the voltage limit, as if interrupted)"
     )

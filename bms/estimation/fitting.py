@@ -53,6 +53,11 @@ LADDER_TOLERANCE = 0.02
 """Pulse currents within this fraction of each other are one rung of a power test's ladder."""
 POWER_SOC_COVER = 0.02
 """How far short of the others' lowest or highest SOC level a power test may stop."""
+POWER_CUTOFF_REACHED_V = 0.05
+"""A power-test pulse that ended before the longest duration must end this near the limit it
+drove to; one that ended farther away was interrupted (a cycler's stop, a dropped current)
+and is left out, since reading it as cut off by the limit would call a cell weak on no
+evidence."""
 POWER_UNHELD_MARGIN = 10.0
 """Where even the smallest current of the ladder was refused (past the limit at once), the
 test found no safe current: the limit there is taken as this fraction of it (a tenth)."""
@@ -133,6 +138,8 @@ class PowerFit:
     headroom_v: (n_levels, 2): how far the rested cell was from each voltage limit (the
     least over the level's pulses).
     overpotential_v: measured_v completed (see :func:`fit_power`), what the map holds.
+    interrupted: pulses left out because they ended short of the longest duration away
+    from the limit (POWER_CUTOFF_REACHED_V).
     """
 
     temp_c: float
@@ -143,6 +150,7 @@ class PowerFit:
     lasted_s: np.ndarray
     headroom_v: np.ndarray
     overpotential_v: np.ndarray
+    interrupted: int = 0
 
     @property
     def pulses(self) -> int:
@@ -479,6 +487,7 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
     measured_v, overpotential_v = np.full(shape, np.nan), np.full(shape, np.nan)
     lasted_s = np.full(shape[:3], np.nan)
     headroom_v = np.full((len(levels), 2), np.nan)
+    interrupted = 0
     level_soc = np.array([np.median([p[0] for p in level]) for level in levels])
     for lv, level in enumerate(levels):
         trajectories = {}  # (direction, current index) -> (time_s, overpotential_v)
@@ -490,6 +499,11 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
             pulse_headroom_v[direction, k] = rest_headroom_v[direction]
             headroom_v[lv] = np.fmin(headroom_v[lv], rest_headroom_v)
             time_s = data.time_s[start:stop] - data.time_s[start]
+            limit_v = ocv.voltage_max_v if direction else ocv.voltage_min_v
+            end_headroom_v = sign * (limit_v - data.voltage_v[stop - 1])
+            if time_s[-1] < durations_s[-1] and end_headroom_v > POWER_CUTOFF_REACHED_V:
+                interrupted += 1  # left as not run
+                continue
             moves_v = _ocv_move_v(ocv, pulse_soc, sign * amps, time_s)
             trajectories[direction, k] = (
                 time_s,
@@ -528,6 +542,7 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
         lasted_s=lasted_s[order],
         headroom_v=headroom_v[order],
         overpotential_v=overpotential_v[order],
+        interrupted=interrupted,
     )
 
 

@@ -267,3 +267,23 @@ def test_a_current_that_wanders_a_little_stays_one_rung(generic, ocv_fit):
     )
     fit = fit_power(dataclasses.replace(data, current_a=wander), ocv_fit, POWER_DURATIONS_S)
     assert list(fit.currents_a) == [1.5, 5.0]
+
+
+def test_a_pulse_interrupted_away_from_the_limit_is_left_out(generic, ocv_fit):
+    """The 2 A discharge pulse at SOC 0.5 stops after 8 s, its voltage far above the cut-off
+    (a cycler's stop): read as cut off by the limit it would make the cell's overpotential
+    there the whole headroom. Left out, the rung is filled between 1 and 5 A, which for this
+    linear cell is the pulse's own value. (The level at 0.9 runs first: untouched.)"""
+    ladder_a = (1.0, 2.0, 5.0)
+    data = power_test(generic, 25.0, (0.9, 0.5), ladder_a)
+    whole = fit_power(data, ocv_fit, POWER_DURATIONS_S)
+    pulse = np.flatnonzero(data.current_a == -2.0)
+    second_start_s = data.time_s[pulse[np.flatnonzero(np.diff(pulse) > 1)[0] + 1]]
+    current_a = data.current_a.copy()
+    current_a[pulse[data.time_s[pulse] >= second_start_s + 8.0]] = 0.0
+    fit = fit_power(dataclasses.replace(data, current_a=current_a), ocv_fit, POWER_DURATIONS_S)
+    lv, k = int(np.argmin(np.abs(fit.soc - 0.5))), ladder_a.index(2.0)
+    assert fit.interrupted == 1 and whole.interrupted == 0
+    assert np.isnan(fit.lasted_s[lv, 0, k]) and whole.lasted_s[lv, 0, k] >= 30.0
+    assert fit.overpotential_v[lv, 0, k] == pytest.approx(whole.overpotential_v[lv, 0, k], rel=0.02)
+    assert np.array_equal(fit.overpotential_v[1 - lv], whole.overpotential_v[1 - lv])
