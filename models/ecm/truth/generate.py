@@ -789,10 +789,9 @@ def all_jobs() -> dict:
     }
     for T in HPPC_TEMPS:
         jobs[f"hppc_{T}C"] = ("hppc", (float(T),))
-    for cyc in ("us06", "udds"):
+    for cyc in ("us06", "udds", "wltc"):
         for T in DRIVE_TEMPS:
             jobs[f"{cyc}_{T}C"] = ("drive", (cyc, float(T)))
-    jobs["wltc_25C"] = ("drive", ("wltc", 25.0))
     for T in SOP_TEMPS:
         jobs[f"sop_{T}C"] = ("sop", (float(T),))
     for T in POWER_TEMPS:
@@ -921,6 +920,10 @@ def make_fixtures(out: Path, fix: Path) -> None:
     ends = np.flatnonzero((i == -2.5) & (np.concatenate([i[1:], [0.0]]) != -2.5))
     moves = [a for a, b in zip(starts, ends, strict=True) if t[b] - t[a] > 120.0]
     (fix / "power_25C_3levels.csv").write_text(HEADER + "\n" + "\n".join(lines[: moves[2]]) + "\n")
+    # 5. wltc_0C from 30 min in, for 25 min: where a start 30 % off is made
+    lines = read("wltc_0C.csv")
+    seg = [ln for ln in lines if 1800.0 <= float(ln.split(",")[0]) < 3300.0]
+    (fix / "wltc_0C_30to55min.csv").write_text(HEADER + "\n" + "\n".join(seg) + "\n")
     meta = {
         "source_manifest_sha256": sha256(out / "manifest.json"),
         "files": {
@@ -933,7 +936,7 @@ def make_fixtures(out: Path, fix: Path) -> None:
         },
         "source_sha256": {
             n: manifest["files"][n]["sha256"]
-            for n in ("us06_25C.csv", "ocv_25C.csv", "hppc_25C.csv", "power_25C.csv")
+            for n in ("us06_25C.csv", "ocv_25C.csv", "hppc_25C.csv", "power_25C.csv", "wltc_0C.csv")
         },
     }
     (fix / "fixtures.json").write_text(json.dumps(meta, indent=1) + "\n")
