@@ -273,8 +273,8 @@ class NumpyEkf:
             p[:, 0, 0] + tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR,
             MAX_SOC_VARIANCE,
         )
-        p[:, 1, 1] += tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
-        p[:, 2, 2] += tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
+        p[:, 1, 1] += tuning.polarisation_error_v**2 * (1.0 - a1**2)
+        p[:, 2, 2] += tuning.polarisation_error_v**2 * (1.0 - a2**2)
 
         valid = ~(np.isnan(voltage_v) | np.isnan(current_a))
         z = self._impedance(x[:, 0], inp.temp_c)
@@ -357,8 +357,8 @@ class FilterpyEkf:
         walk = np.diag(
             [
                 tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR,
-                tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s,
-                tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s,
+                tuning.polarisation_error_v**2 * (1.0 - a1**2),
+                tuning.polarisation_error_v**2 * (1.0 - a2**2),
             ]
         )
         big_q = big_b @ big_b.T * current_var + walk

@@ -48,7 +48,7 @@ DEFAULT_EKF = {
     "voltage_noise_v": 0.005,
     "current_noise_a": None,  # 1 % of 1C, set from the capacity
     "soc_random_walk_per_sqrt_h": 0.005,
-    "rc_random_walk_v_per_sqrt_s": 0.0005,
+    "polarisation_error_v": 0.002,
     "initial_soc_std": 0.05,
     "impedance_error_ratio": 0.1,
 }

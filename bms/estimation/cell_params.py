@@ -40,7 +40,7 @@ class EkfTuning(NamedTuple):
     voltage_noise_v: float
     current_noise_a: float
     soc_random_walk_per_sqrt_h: float
-    rc_random_walk_v_per_sqrt_s: float
+    polarisation_error_v: float
     initial_soc_std: float
     impedance_error_ratio: float
 
@@ -55,13 +55,27 @@ class EkfSection(StrictModel):
     soc_random_walk_per_sqrt_h: float = Field(
         ge=0.0, le=1.0, description="unmodelled SOC drift (capacity error), per sqrt(hour)"
     )
-    rc_random_walk_v_per_sqrt_s: float = Field(
-        ge=0.0, le=1.0, description="unmodelled polarisation change, per sqrt(second)"
+    polarisation_error_v: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="how far each RC branch's voltage may be from the model's (1 sigma); the "
+        "error fades with the branch's time constant",
     )
     initial_soc_std: float = Field(gt=0.0, le=1.0, description="SOC uncertainty at start")
     impedance_error_ratio: float = Field(
         ge=0.0, le=1.0, description="relative error of the impedance tables (1 sigma)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_options(cls, data: Any) -> Any:
+        """A set written before the polarisation's error became a fading one says so."""
+        if isinstance(data, dict) and "rc_random_walk_v_per_sqrt_s" in data:
+            raise ValueError(
+                "rc_random_walk_v_per_sqrt_s is replaced by polarisation_error_v (V, 1 sigma, "
+                "fading with each RC branch's time constant; 0.002 is a starting point)"
+            )
+        return data
 
 
 class ParamsFile(StrictModel):

@@ -140,7 +140,7 @@ def ekf_step(
     ph = work[17:20]
     current_var = tuning.current_noise_a**2
     soc_walk_var = tuning.soc_random_walk_per_sqrt_h**2 * dt_s / SECONDS_PER_HOUR
-    rc_walk_var = tuning.rc_random_walk_v_per_sqrt_s**2 * dt_s
+    polarisation_var = tuning.polarisation_error_v**2
     voltage_var = tuning.voltage_noise_v**2
     for c in range(x.shape[0]):
         imp_row = at_temperature(tables.imp_temp_c, temp_c[c])
@@ -171,8 +171,11 @@ def ekf_step(
                 p[c, r, s] = value
                 p[c, s, r] = value
         p[c, 0, 0] = min(p[c, 0, 0] + soc_walk_var + unknown_soc_var, MAX_SOC_VARIANCE)
-        p[c, 1, 1] += rc_walk_var
-        p[c, 2, 2] += rc_walk_var
+        # The polarisation's own error fades as the branch does (a Gauss-Markov process of
+        # variance polarisation_var): it can take up a few mV of model error, but cannot hold
+        # a wrong SOC for long where the OCV is flat, as a random walk would.
+        p[c, 1, 1] += polarisation_var * (1.0 - a1 * a1)
+        p[c, 2, 2] += polarisation_var * (1.0 - a2 * a2)
 
         if math.isnan(voltage_v[c]) or math.isnan(current_a[c]):
             update[c, 0] = math.nan

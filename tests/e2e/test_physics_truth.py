@@ -2,8 +2,9 @@
 
 The fixtures (tests/data/truth, made by models/ecm/truth/generate.py with PyBaMM's DFN of an
 LG M50) are an OCV test and a pulse test at 25 degC, the first 15 minutes of a US06 drive
-cycle that neither fit saw, and the first three levels (SOC 0.99, 0.965, 0.925) of the power
-test at 25 degC. The full-size measurement is benchmarks/accuracy_estimation.py.
+cycle that neither fit saw, 25 minutes of a WLTC cycle at 0 degC, and the first three levels
+(SOC 0.99, 0.965, 0.925) of the power test at 25 degC. The full-size measurement is
+benchmarks/accuracy_estimation.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import numpy as np
 import pytest
 
+from bms.csvio import read_columns
 from bms.estimation.cell_params import load_cell_params
 from bms.estimation.estimator import PackEstimator
 from tests.conftest import REPO, run_bms, run_identify
@@ -58,6 +60,25 @@ def test_soc_on_a_held_out_drive_cycle(identified, tmp_path):
 def test_soc_recovers_from_a_start_30_percent_off(identified, tmp_path):
     _, max_abs = replay_error(identified, tmp_path, "--initial-soc", "0.65")
     assert max_abs < 3.0  # after 300 s; measured 2.07
+
+
+def test_a_start_30_percent_off_in_the_cold_is_corrected_within_10_minutes(tmp_path):
+    """Half an hour into a WLTC cycle at 0 degC, under load, started 30 % below the truth
+    with the set identified from the full-size tests (models/ecm/lgm50_pybamm): the error is
+    below 3 % from 600 s on (measured 2.13 %; with the polarisation's error a random walk of
+    0.5 mV/sqrt(s), as before, it held a wrong SOC: 4.29 %)."""
+    log = TRUTH / "wltc_0C_30to55min.csv"
+    soc_true = read_columns(log, ("time_s", "soc_true"))
+    start = float(soc_true["soc_true"][0]) - 0.3
+    proc = run_bms(
+        "replay", "--params", str(REPO / "models" / "ecm" / "lgm50_pybamm"),
+        "--input", str(log), "--out", str(tmp_path / "est.csv"), "--initial-soc", f"{start:.4f}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    estimate = read_columns(tmp_path / "est.csv", ("time_s", "soc"))
+    assert np.array_equal(estimate["time_s"], soc_true["time_s"])
+    late = estimate["time_s"] - estimate["time_s"][0] >= 600.0
+    assert np.abs(estimate["soc"] - soc_true["soc_true"])[late].max() < 0.03
 
 
 SOP_TRUTH_25C = {

@@ -301,8 +301,9 @@ def test_a_front_end_fault_the_table_lacks_is_a_front_end_error(cycle, caplog):
 
 def test_a_current_sensor_that_reads_wrong_is_found_against_the_soc(make_config):
     """The cells sit at one voltage while the sensor says 2 A flow out: the EKF keeps
-    pulling the SOC back up. It follows only a part of the error (it trusts the sensor
-    too), so the apparent error is below the real 2 A, yet far above the 1 A tolerance."""
+    pulling the SOC back up, by the charge the sensor claims and, while it settles, by the
+    drop over the cells' resistance it expects and does not see. So the apparent error is
+    near the real 2 A (above it, this early), and far above the 1 A tolerance."""
     config = load_config(
         make_config(
             {
@@ -322,7 +323,7 @@ def test_a_current_sensor_that_reads_wrong_is_found_against_the_soc(make_config)
         frontend.cell_voltage_v = 3.7 + 0.001 * noise.standard_normal(4)  # alive, not stuck
         statuses.append(cycle.run(n * 1.0, 1.0, lagging=False))
     assert "current_soc_mismatch" in statuses[-1].active_faults
-    assert 1.2 < cycle.charge_check.apparent_error_a < 2.2
+    assert 1.5 < cycle.charge_check.apparent_error_a < 3.0
     assert statuses[-1].contactors is ContactorState.CLOSED  # a warning, not an opening
 
 

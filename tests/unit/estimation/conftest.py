@@ -21,7 +21,7 @@ voltage_min_v = 3.0
 voltage_noise_v = 0.002
 current_noise_a = 0.01
 soc_random_walk_per_sqrt_h = 0.001
-rc_random_walk_v_per_sqrt_s = 0.0001
+polarisation_error_v = 0.0001
 initial_soc_std = 0.05
 impedance_error_ratio = 0.05
 """

@@ -55,6 +55,14 @@ def test_the_shipped_set_loads_with_its_provenance(generic):
             "must be > 0",
         ),
         ("params.toml", 'name = "x"\ncapacity_ah = 2.0\n', "[ekf]: required section"),
+        (
+            "params.toml",
+            'name = "x"\ncapacity_ah = 2.0\nvoltage_max_v = 4.0\nvoltage_min_v = 3.0\n[ekf]\n'
+            "voltage_noise_v = 0.002\ncurrent_noise_a = 0.01\nsoc_random_walk_per_sqrt_h = 0.001\n"
+            "rc_random_walk_v_per_sqrt_s = 0.0005\ninitial_soc_std = 0.05\n"
+            "impedance_error_ratio = 0.05\n",
+            "[ekf]: rc_random_walk_v_per_sqrt_s is replaced by polarisation_error_v",
+        ),
     ],
 )
 def test_broken_sets_name_the_file_and_the_problem(linear_dir, file, text, message):

@@ -72,8 +72,8 @@ def reference_ekf(cell, x, p, previous_a, current_a, voltage_v, temp_c, dt_s):
     q = np.outer(b, b) * t.current_noise_a**2 + np.diag(
         [
             t.soc_random_walk_per_sqrt_h**2 * dt_s / 3600.0,
-            t.rc_random_walk_v_per_sqrt_s**2 * dt_s,
-            t.rc_random_walk_v_per_sqrt_s**2 * dt_s,
+            t.polarisation_error_v**2 * (1.0 - a1**2),
+            t.polarisation_error_v**2 * (1.0 - a2**2),
         ]
     )
     p = f @ p @ f.T + q
