@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import llvmlite.binding
+import numba
 import numpy as np
 from filterpy.kalman import ExtendedKalmanFilter
 
@@ -516,6 +518,18 @@ def compile_and_cache_times() -> dict[str, float]:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it: the compiled kernel's speed differs twofold
+    between hosts whose Python speed is alike, so every run says which it ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
@@ -530,8 +544,9 @@ def main() -> int:
     cell = load_cell_params(CELL_DIR)
     map_cell = load_cell_params(MAP_CELL_DIR)
     print(
-        f"Python {platform.python_version()}, numpy {np.__version__}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs; cell {cell.name}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}; LLVM targets "
+        f"{llvmlite.binding.get_host_cpu_name()}); cell {cell.name}, "
         f"dt about {PERIOD_S * 1e3:g} ms (measured, jittered)"
     )
 
