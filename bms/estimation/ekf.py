@@ -3,10 +3,11 @@
 State per cell ``[soc, v_rc1_v, v_rc2_v]``. The prediction uses the measured ``dt_s`` and the
 mean current between the two samples; the update compares the measured terminal voltage with
 the model's, and an update that moves the SOC far is iterated (an iterated EKF step).
-The 3×3 algebra is written out and the covariance is updated in Joseph form, so it stays
-symmetric positive definite whatever the gain. A cell whose voltage (or the current)
-is NaN skips the update: its uncertainty grows by the prediction alone, and its state is not
-touched by the bad reading.
+The 3×3 algebra is written out; the covariance update is the symmetric short form on its six
+unique entries, which stays positive definite since the gain is the optimal one for its H and
+S includes R > 0 (Joseph's form, five times the work, matters only for a suboptimal gain). A
+cell whose voltage (or the current) is NaN skips the update: its uncertainty grows by the
+prediction alone, and its state is not touched by the bad reading.
 """
 
 from __future__ import annotations
