@@ -104,19 +104,18 @@ def accuracy(cell, truth: Path, out: Path) -> dict:
     figures = {}
     for name in CYCLES:
         log = read_log(truth / f"{name}.csv")
+        noisy_log = noisy(log, seed=len(name))
         clean = replay(cell, log)
-        rough = replay(cell, noisy(log, seed=len(name)))
+        rough = replay(cell, noisy_log)
         plot(out / f"{name}.png", rough, f"{name}: PyBaMM truth, {cell.name}, sensor noise")
         figures[name] = {
             "hours": float((log["time_s"][-1] - log["time_s"][0]) / 3600.0),
             "soc_range": [float(log["soc_true"].min()), float(log["soc_true"].max())],
             "clean": clean.errors(),
             "noisy": rough.errors(),
-            "offset_guess": offset_run(cell, noisy(log, seed=len(name)), GUESS_SOC_STD),
+            "offset_guess": offset_run(cell, noisy_log, GUESS_SOC_STD),
             "offset_guess_clean": offset_run(cell, log, GUESS_SOC_STD),
-            "offset_confident": offset_run(
-                cell, noisy(log, seed=len(name)), cell.tuning.initial_soc_std
-            ),
+            "offset_confident": offset_run(cell, noisy_log, cell.tuning.initial_soc_std),
         }
     return figures
 

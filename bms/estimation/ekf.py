@@ -162,7 +162,8 @@ def ekf_step(
             input_var = (UNKNOWN_CURRENT_C_RATE * capacity_ah[c]) ** 2
             unknown_soc_var = UNKNOWN_CURRENT_C_RATE**2 * dt_s / SECONDS_PER_HOUR
 
-        # Predict: x = F x + B i, P = F P F' + B var(i) B' + random walk.
+        # Predict: x = F x + B i, P = F P F' + B var(i) B' + the SOC's random walk and the
+        # polarisation's fading error.
         for r in range(3):
             x[c, r] = f[r] * x[c, r] + b[r] * i_step
         x[c, 0] = min(max(x[c, 0], SOC_STATE_LIMITS[0]), SOC_STATE_LIMITS[1])
@@ -175,8 +176,9 @@ def ekf_step(
         # The polarisation's own error fades as the branch does (a Gauss-Markov process of
         # variance polarisation_var): it can take up a few mV of model error, but cannot hold
         # a wrong SOC for long where the OCV is flat, as a random walk would.
-        p[c, 1, 1] += polarisation_var * (1.0 - a1 * a1)
-        p[c, 2, 2] += polarisation_var * (1.0 - a2 * a2)
+        # 1 - a^2 as (1 - a)(1 + a), from rc_decay's 1 - a, which keeps its digits at small dt
+        p[c, 1, 1] += polarisation_var * built1 * (1.0 + a1)
+        p[c, 2, 2] += polarisation_var * built2 * (1.0 + a2)
 
         if math.isnan(voltage_v[c]) or math.isnan(current_a[c]):
             update[c, 0] = math.nan

@@ -495,12 +495,11 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
         for pulse_soc, direction, amps, start, stop, k in level:
             sign = 1.0 if direction else -1.0
             rest_v = data.voltage_v[start - 1]
-            rest_headroom_v = [rest_v - ocv.voltage_min_v, ocv.voltage_max_v - rest_v]
+            rest_headroom_v = _headroom_v(ocv, rest_v)
             pulse_headroom_v[direction, k] = rest_headroom_v[direction]
             headroom_v[lv] = np.fmin(headroom_v[lv], rest_headroom_v)
             time_s = data.time_s[start:stop] - data.time_s[start]
-            limit_v = ocv.voltage_max_v if direction else ocv.voltage_min_v
-            end_headroom_v = sign * (limit_v - data.voltage_v[stop - 1])
+            end_headroom_v = _headroom_v(ocv, data.voltage_v[stop - 1])[direction]
             if time_s[-1] < durations_s[-1] and end_headroom_v > POWER_CUTOFF_REACHED_V:
                 interrupted += 1  # left as not run
                 continue
@@ -544,6 +543,11 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
         overpotential_v=overpotential_v[order],
         interrupted=interrupted,
     )
+
+
+def _headroom_v(ocv: OcvFit, voltage_v: float) -> list[float]:
+    """How far ``voltage_v`` is from the lower and the upper limit (discharge, charge)."""
+    return [voltage_v - ocv.voltage_min_v, ocv.voltage_max_v - voltage_v]
 
 
 def _ocv_move_v(ocv: OcvFit, soc: float, current_a: float, time_s):

@@ -893,10 +893,13 @@ def make_fixtures(out: Path, fix: Path) -> None:
         assert header == HEADER
         return lines
 
+    def write_window(source, name, start_s, stop_s):
+        """The rows of ``source`` with start_s <= time_s < stop_s, as fixture ``name``."""
+        rows = [ln for ln in read(source) if start_s <= float(ln.split(",")[0]) < stop_s]
+        (fix / name).write_text(HEADER + "\n" + "\n".join(rows) + "\n")
+
     # 1. first 900 s of us06_25C
-    lines = read("us06_25C.csv")
-    seg = [ln for ln in lines if float(ln.split(",")[0]) < 900.0]
-    (fix / "us06_25C_first900s.csv").write_text(HEADER + "\n" + "\n".join(seg) + "\n")
+    write_window("us06_25C.csv", "us06_25C_first900s.csv", -math.inf, 900.0)
     # 2. ocv_25C every 5 min (first row per 300 s bin) plus the rows where the current changes
     lines = read("ocv_25C.csv")
     t = np.array([float(ln.split(",")[0]) for ln in lines])
@@ -921,9 +924,7 @@ def make_fixtures(out: Path, fix: Path) -> None:
     moves = [a for a, b in zip(starts, ends, strict=True) if t[b] - t[a] > 120.0]
     (fix / "power_25C_3levels.csv").write_text(HEADER + "\n" + "\n".join(lines[: moves[2]]) + "\n")
     # 5. wltc_0C from 30 min in, for 25 min: where a start 30 % off is made
-    lines = read("wltc_0C.csv")
-    seg = [ln for ln in lines if 1800.0 <= float(ln.split(",")[0]) < 3300.0]
-    (fix / "wltc_0C_30to55min.csv").write_text(HEADER + "\n" + "\n".join(seg) + "\n")
+    write_window("wltc_0C.csv", "wltc_0C_30to55min.csv", 1800.0, 3300.0)
     meta = {
         "source_manifest_sha256": sha256(out / "manifest.json"),
         "files": {
