@@ -226,8 +226,8 @@ def _params_toml(
         lines += [
             f"power_test_temps_c = {_toml_value([fit.temp_c for fit in power])}",
             f"power_pulses_per_test = {_toml_value([fit.pulses for fit in power])}",
-            # ended short of the longest duration away from the limit: left out
-            f"power_pulses_interrupted = {_toml_value([fit.interrupted for fit in power])}",
+            # ended short of the longest duration away from the limit: kept as far as they ran
+            f"power_pulses_stopped = {_toml_value(_stopped_pulses(power, sources))}",
         ]
     for role, path, temp_c in sources:
         lines += [
@@ -260,17 +260,31 @@ def describe(cell: CellParams) -> str:
             f", power map over {cell.power_map.soc.size} SOC points x "
             f"{cell.power_map.temp_c.size} temperatures x {cell.power_map.current_a.size} "
             f"currents up to {cell.power_map.current_a[-1]:g} A"
-            + _interrupted_note(cell.provenance.get("power_pulses_interrupted", []))
+            + _stopped_note(cell.provenance.get("power_pulses_stopped", []))
             if cell.has_power_map
             else ""
         )
     )
 
 
-def _interrupted_note(per_test: list[int]) -> str:
-    if not any(per_test):
+def _stopped_pulses(power: list[PowerFit], sources: list[tuple[str, Path, float]]) -> list[str]:
+    """Each power-test pulse that stopped away from the limit, named for the person who ran
+    the test (they may want to run it again)."""
+    files = [path.name for role, path, _ in sources if role == "power"]
+    return [
+        f"{name}: SOC {soc:.2f}, {('discharge', 'charge')[direction]} {amps:g} A, "
+        f"stopped after {lasted_s:g} s"
+        for name, fit in zip(files, power, strict=True)
+        for soc, direction, amps, lasted_s in fit.stopped
+    ]
+
+
+def _stopped_note(stopped: list[str]) -> str:
+    if not stopped:
         return ""
     return (
-        f" ({sum(per_test)} power-test pulse(s) left out: they ended before "
-        f"{POWER_DURATIONS_S[-1]:g} s away from the voltage limit, as if interrupted)"
+        f" ({len(stopped)} power-test pulse(s) ended before {POWER_DURATIONS_S[-1]:g} s away"
+        " from the voltage limit, as if stopped, and count only as far as they ran: "
+        + "; ".join(stopped)
+        + ")"
     )

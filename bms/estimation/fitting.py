@@ -55,9 +55,12 @@ POWER_SOC_COVER = 0.02
 """How far short of the others' lowest or highest SOC level a power test may stop."""
 POWER_CUTOFF_REACHED_V = 0.05
 """A power-test pulse that ended before the longest duration must end this near the limit it
-drove to; one that ended farther away was interrupted (a cycler's stop, a dropped current)
-and is left out, since reading it as cut off by the limit would call a cell weak on no
-evidence."""
+drove to (or within ``CUTOFF_LAG_STEPS`` of its last voltage step, whichever is farther) to
+count as cut off by it; one that ended farther away stopped for another reason (a cycler's
+stop, a dropped current, a charger's own lower cut-off) and says nothing about the limit."""
+CUTOFF_LAG_STEPS = 2.0
+"""A sparse log's last sample before a cut-off lags it: the voltage was still moving by its
+last step, and faster as it went, so the limit may lie up to about two such steps away."""
 POWER_UNHELD_MARGIN = 10.0
 """Where even the smallest current of the ladder was refused (past the limit at once), the
 test found no safe current: the limit there is taken as this fraction of it (a tenth)."""
@@ -133,13 +136,14 @@ class PowerFit:
 
     soc: (n_levels,) rising; currents_a: (n_currents,) rising magnitudes.
     measured_v: (n_levels, 2, n_currents, n_durations), direction 0 discharge, 1 charge; NaN
-    where the pulse did not run or did not last that long before the cut-off.
+    where the pulse did not run or did not last that long.
     lasted_s: (n_levels, 2, n_currents): how long each pulse ran (NaN: not run).
     headroom_v: (n_levels, 2): how far the rested cell was from each voltage limit (the
     least over the level's pulses).
     overpotential_v: measured_v completed (see :func:`fit_power`), what the map holds.
-    interrupted: pulses left out because they ended short of the longest duration away
-    from the limit (POWER_CUTOFF_REACHED_V).
+    stopped: pulses that ended short of the longest duration away from the limit
+    (POWER_CUTOFF_REACHED_V), as (soc, direction, current_a, lasted_s): measured for as
+    long as they ran and completed beyond like an untried current.
     """
 
     temp_c: float
@@ -150,7 +154,7 @@ class PowerFit:
     lasted_s: np.ndarray
     headroom_v: np.ndarray
     overpotential_v: np.ndarray
-    interrupted: int = 0
+    stopped: tuple[tuple[float, int, float, float], ...] = ()
 
     @property
     def pulses(self) -> int:
@@ -487,10 +491,11 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
     measured_v, overpotential_v = np.full(shape, np.nan), np.full(shape, np.nan)
     lasted_s = np.full(shape[:3], np.nan)
     headroom_v = np.full((len(levels), 2), np.nan)
-    interrupted = 0
+    stopped = []
     level_soc = np.array([np.median([p[0] for p in level]) for level in levels])
     for lv, level in enumerate(levels):
         trajectories = {}  # (direction, current index) -> (time_s, overpotential_v)
+        was_stopped = np.zeros((2, currents_a.size), dtype=bool)
         pulse_headroom_v = np.full((2, currents_a.size), np.nan)
         for pulse_soc, direction, amps, start, stop, k in level:
             sign = 1.0 if direction else -1.0
@@ -499,10 +504,11 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
             pulse_headroom_v[direction, k] = rest_headroom_v[direction]
             headroom_v[lv] = np.fmin(headroom_v[lv], rest_headroom_v)
             time_s = data.time_s[start:stop] - data.time_s[start]
-            end_headroom_v = _headroom_v(ocv, data.voltage_v[stop - 1])[direction]
-            if time_s[-1] < durations_s[-1] and end_headroom_v > POWER_CUTOFF_REACHED_V:
-                interrupted += 1  # left as not run
-                continue
+            if time_s[-1] < durations_s[-1] and _stopped_short(data, ocv, direction, start, stop):
+                if time_s[-1] <= 0.0:
+                    continue  # one sample: nothing measured, left as not run
+                was_stopped[direction, k] = True
+                stopped.append((float(pulse_soc), direction, float(amps), float(time_s[-1])))
             moves_v = _ocv_move_v(ocv, pulse_soc, sign * amps, time_s)
             trajectories[direction, k] = (
                 time_s,
@@ -528,7 +534,7 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
             row = [trajectories.get((direction, k)) for k in range(currents_a.size)]
             measured_v[lv, direction, :, d] = [_held_at(tr, durations_s[d]) for tr in row]
             overpotential_v[lv, direction, :, d] = complete_power_level(
-                currents_a, row, durations_s[d], crossing_v
+                currents_a, row, durations_s[d], crossing_v, was_stopped[direction]
             )
     order = np.argsort(level_soc)
     return PowerFit(
@@ -541,8 +547,16 @@ def fit_power(data: TestData, ocv: OcvFit, durations_s: tuple[float, ...]) -> Po
         lasted_s=lasted_s[order],
         headroom_v=headroom_v[order],
         overpotential_v=overpotential_v[order],
-        interrupted=interrupted,
+        stopped=tuple(stopped),
     )
+
+
+def _stopped_short(data: TestData, ocv: OcvFit, direction: int, start: int, stop: int) -> bool:
+    """Whether a pulse's last sample is too far from the limit it drove to for the limit
+    to have ended it (POWER_CUTOFF_REACHED_V, CUTOFF_LAG_STEPS)."""
+    end_headroom_v = _headroom_v(ocv, data.voltage_v[stop - 1])[direction]
+    last_step_v = abs(data.voltage_v[stop - 1] - data.voltage_v[max(stop - 2, start)])
+    return end_headroom_v > max(POWER_CUTOFF_REACHED_V, CUTOFF_LAG_STEPS * last_step_v)
 
 
 def _headroom_v(ocv: OcvFit, voltage_v: float) -> list[float]:
@@ -558,12 +572,15 @@ def _ocv_move_v(ocv: OcvFit, soc: float, current_a: float, time_s):
     return np.sign(current_a) * move_v
 
 
-def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np.ndarray:
+def complete_power_level(
+    currents_a, trajectories, duration_s, crossing_v, stopped=None
+) -> np.ndarray:
     """One level's overpotential at ``duration_s`` (V, (n_currents,)) for every current.
 
     trajectories: per current, (time_s, overpotential_v) of its pulse from its start to
     where it ended, or None where it did not run; crossing_v(amps, time_s): the
-    overpotential at which a pulse of ``amps`` meets the limit at ``time_s``.
+    overpotential at which a pulse of ``amps`` meets the limit at ``time_s``; stopped: per
+    current, True where its pulse ended early away from the limit (None: none did).
 
     A pulse that lasted the duration gives its own value. One that met the limit sooner,
     at ``t``, had the crossing value then (or its last sample's, if past it), and is taken
@@ -572,23 +589,34 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
     (Sand), so a larger current runs through the same curve faster. The part of the
     overpotential that does not grow with time makes this the safe side. It is also at
     least in proportion to current from the held one. A pulse not run above every one that
-    did was past the limit at once (``t`` = 0). A current not tried between two that ran is
-    interpolated as a power law; where no pulse held the duration, the growth is taken as
-    sqrt(duration / t), and where even the smallest was refused (or no pulse ran that way at
-    all), ``POWER_UNHELD_MARGIN`` times its crossing (a limit of about a tenth of it). The
-    result rises with current.
+    did was past the limit at once (``t`` = 0), unless the highest that ran was stopped.
+
+    A stopped pulse says nothing of the limit, only of its overpotential while it ran: below
+    a current that ran, it is filled as one not tried; the highest that ran grows from its
+    last value as one that met the limit would (with no crossing), and the currents above it
+    were not tried. A current not tried between two that ran is interpolated as a power
+    law, and above them carried on at the last two's power (at least in proportion). Where
+    no pulse held the duration, the growth is taken as sqrt(duration / t), and where even
+    the smallest was refused (or no pulse ran that way at all), ``POWER_UNHELD_MARGIN``
+    times its crossing (a limit of about a tenth of it). The result rises with current.
     """
     ran = np.array([tr is not None for tr in trajectories])
+    stopped = np.zeros(ran.size, dtype=bool) if stopped is None else np.asarray(stopped)
     tried_above = np.flip(np.logical_or.accumulate(np.flip(ran)))
+    ran_above = np.append(tried_above[1:], False)
+    highest_stopped = ran.any() and stopped[np.flatnonzero(ran)[-1]]
     out = np.maximum([_held_at(tr, duration_s) for tr in trajectories], MIN_OVERPOTENTIAL_V)
     held = np.flatnonzero(~np.isnan(out))
     for k in np.flatnonzero(np.isnan(out)):
-        if not ran[k] and tried_above[k]:
-            continue  # not tried: interpolated below
+        if (not ran[k] and (tried_above[k] or highest_stopped)) or (stopped[k] and ran_above[k]):
+            continue  # not tried (or as good as): filled below
         met_s = trajectories[k][0][-1] if ran[k] else 0.0
-        meets_v = crossing_v(currents_a[k], met_s)
-        if ran[k]:  # its last sample may lie past the limit already
-            meets_v = max(meets_v, trajectories[k][1][-1])
+        if stopped[k]:
+            meets_v = trajectories[k][1][-1]
+        else:
+            meets_v = crossing_v(currents_a[k], met_s)
+            if ran[k]:  # its last sample may lie past the limit already
+                meets_v = max(meets_v, trajectories[k][1][-1])
         if held.size:
             ref = held[-1]
             squeeze = (currents_a[k] / currents_a[ref]) ** 2
@@ -597,25 +625,31 @@ def complete_power_level(currents_a, trajectories, duration_s, crossing_v) -> np
             )
             in_proportion_v = out[ref] * currents_a[k] / currents_a[ref]
             out[k] = max(meets_v * max(growth, 1.0), in_proportion_v)
-            if k == ref + 1:
+            if k == ref + 1 and not stopped[k]:
                 out[k] = max(out[k], _placed_by_time_to_limit(
-                    currents_a, trajectories, ref, out[ref], duration_s, crossing_v
+                    currents_a, trajectories, stopped, ref, out[ref], duration_s, crossing_v
                 ))  # fmt: skip
         elif met_s > 0.0:
             out[k] = meets_v * math.sqrt(duration_s / met_s)
         else:
             out[k] = meets_v * POWER_UNHELD_MARGIN
-        out[k] = max(out[k], crossing_v(currents_a[k], duration_s))
+        if not stopped[k]:
+            out[k] = max(out[k], crossing_v(currents_a[k], duration_s))
     known = np.flatnonzero(~np.isnan(out))
-    for k in np.flatnonzero(np.isnan(out)):  # not tried, between currents that ran
+    for k in np.flatnonzero(np.isnan(out)):  # not tried: between, below or above those known
         below, higher = known[known < k], known[known > k]
         if below.size and higher.size:
             i, j = below[-1], higher[0]
-            power = math.log(out[j] / out[i]) / math.log(currents_a[j] / currents_a[i])
-            out[k] = out[i] * (currents_a[k] / currents_a[i]) ** power
+        elif below.size > 1:
+            i, j = below[-2], below[-1]
         else:
             j = below[-1] if below.size else higher[0]
             out[k] = out[j] * currents_a[k] / currents_a[j]
+            continue
+        power = math.log(out[j] / out[i]) / math.log(currents_a[j] / currents_a[i])
+        if not higher.size:
+            power = max(power, 1.0)
+        out[k] = out[i] * (currents_a[k] / currents_a[i]) ** power
     return np.maximum.accumulate(np.maximum(out, MIN_OVERPOTENTIAL_V))
 
 
@@ -626,7 +660,7 @@ def _held_at(trajectory, duration_s: float) -> float:
     return float(np.interp(duration_s, *trajectory))
 
 
-def _placed_by_time_to_limit(currents_a, trajectories, ref, ref_v, duration_s, crossing_v):
+def _placed_by_time_to_limit(currents_a, trajectories, stopped, ref, ref_v, duration_s, crossing_v):
     """The overpotential at ``currents_a[ref + 1]`` (which met the limit before
     ``duration_s``) that puts the limit where the times to the limit say; 0 where they
     cannot say.
@@ -638,7 +672,7 @@ def _placed_by_time_to_limit(currents_a, trajectories, ref, ref_v, duration_s, c
     that point, carried on to the next current, is the value.
     """
     b, c = ref + 1, ref + 2
-    if c >= currents_a.size or trajectories[b] is None or trajectories[c] is None:
+    if c >= currents_a.size or trajectories[b] is None or trajectories[c] is None or stopped[c]:
         return 0.0
     met_b, met_c = trajectories[b][0][-1], trajectories[c][0][-1]
     if not 0.0 < met_c < met_b:

@@ -78,7 +78,8 @@ def test_identify_writes_a_set_the_bms_loads_with_its_provenance(tests_dir, iden
 def test_identify_with_power_tests_writes_a_power_map(tests_dir, tmp_path):
     """Power tests at two temperatures give the set a power map, which the estimator then
     uses for its limits; the sources are in the provenance. At 40 degC the cycler stopped
-    the 2 A discharge pulse at SOC 0.3 after 5 s: left out, and said so."""
+    the 2 A discharge pulse at SOC 0.3 after 5 s: it counts only as far as it ran, and the
+    summary names it."""
     for temp_c in (0.0, 40.0):
         data = power_test(CELL, temp_c, (0.8, 0.3), (2.0, 20.0), dt_s=1.0, rest_s=3600.0)
         if temp_c == 40.0:
@@ -98,8 +99,10 @@ def test_identify_with_power_tests_writes_a_power_map(tests_dir, tmp_path):
     roles = {s["file"]: s["role"] for s in head["provenance"]["sources"]}
     assert roles["power_0C.csv"] == roles["power_40C.csv"] == "power"
     assert head["provenance"]["power_test_temps_c"] == [0.0, 40.0]
-    assert head["provenance"]["power_pulses_interrupted"] == [0, 1]
-    assert "(1 power-test pulse(s) left out: they ended before 30 s away from" in proc.stdout
+    stopped = "power_40C.csv: SOC 0.30, discharge 2 A, stopped after 4 s"
+    assert head["provenance"]["power_pulses_stopped"] == [stopped]
+    assert "(1 power-test pulse(s) ended before 30 s away from the voltage limit" in proc.stdout
+    assert stopped in proc.stdout
     hppc = [tests_dir / "hppc_0C.csv"]
     bad = run_identify(tmp_path / "refused", tests_dir / "ocv.csv", hppc, hppc)
     assert bad.returncode == 2 and "1 current(s); a power test needs at least two" in bad.stderr

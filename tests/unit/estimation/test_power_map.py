@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bms.estimation import fitting
 from bms.estimation.estimator import PackEstimator
 from bms.estimation.fitting import (
     FitError,
@@ -18,9 +20,11 @@ from bms.estimation.fitting import (
     power_grid,
 )
 from bms.estimation.power import PowerMap, power_limits
+from bms.identify import TEST_COLUMNS, read_test
 from bms.types import POWER_DURATIONS_S
 from tests.unit.estimation.synthetic import ocv_test, power_test, profile, run
 
+TRUTH = Path(__file__).parents[2] / "data" / "truth"
 LEVELS = (0.9, 0.5, 0.1)
 LADDER_A = tuple(round(1.6**k, 1) for k in range(10))
 """1 to 68.7 A, spaced as the generator's power test (about 1.6x apart)."""
@@ -212,6 +216,26 @@ def test_a_current_not_tried_between_two_that_ran_is_not_taken_as_refused():
     assert out == pytest.approx([0.02, 0.04, 0.08, 1.75])
 
 
+def test_a_pulse_stopped_short_is_no_cut_off_and_what_is_above_it_was_not_tried():
+    """10 A held 30 s as above; 20 A stopped after 2 s at 0.2 V, short of the limit (0.5 V);
+    40 A never ran. 20 A grows from its own 0.2 V as 10 A did from 8 to 40 s, twice: 0.4 V,
+    under the limit (it is not floored at the crossing, as a cut-off is). 40 A was not tried,
+    not refused: carried on at the power from 10 to 20 A (1), 0.8 V."""
+    time_s = np.array([0.0, 2.0, 10.0, 30.0])
+    out = complete_power_level(
+        np.array([10.0, 20.0, 40.0]),
+        [
+            (time_s, np.array([0.05, 0.1, 0.2, 0.3])),
+            (np.array([0.0, 2.0]), np.array([0.1, 0.2])),
+            None,
+        ],
+        10.0,
+        lambda amps, t: 0.5,
+        np.array([False, True, False]),
+    )
+    assert out == pytest.approx([0.2, 0.4, 0.8])
+
+
 def test_the_times_to_the_limit_place_it_where_the_cell_depletes():
     """10 A held 10 s with 0.3 V; 20 A and 40 A met the limit (0.5 V) after 5 s and 1.25 s:
     the time falls as current squared (Sand), so the pulse that would last exactly 10 s is
@@ -269,21 +293,72 @@ def test_a_current_that_wanders_a_little_stays_one_rung(generic, ocv_fit):
     assert list(fit.currents_a) == [1.5, 5.0]
 
 
-def test_a_pulse_interrupted_away_from_the_limit_is_left_out(generic, ocv_fit):
-    """The 2 A discharge pulse at SOC 0.5 stops after 8 s, its voltage far above the cut-off
-    (a cycler's stop): read as cut off by the limit it would make the cell's overpotential
-    there the whole headroom. Left out, the rung is filled between 1 and 5 A, which for this
-    linear cell is the pulse's own value. (The level at 0.9 runs first: untouched.)"""
+def _stopped_after(data, current_a: float, level: int, after_s: float):
+    """``data`` with the pulse of ``current_a`` at the ``level``-th SOC level (0 first) cut
+    to zero current ``after_s`` into it (a cycler's stop, far from the voltage limit), and
+    the charge put back after it (1 A the other way) cut to match."""
+
+    def runs_of(amps):
+        at = np.flatnonzero(data.current_a == amps)
+        return np.split(at, np.flatnonzero(np.diff(at) > 1) + 1)
+
+    def cut(run, after_s):
+        current[run[data.time_s[run] >= data.time_s[run[0]] + after_s]] = 0.0
+
+    current = data.current_a.copy()
+    pulse = [r for r in runs_of(current_a) if data.time_s[r[-1]] - data.time_s[r[0]] < 60.0]
+    cut(pulse[level], after_s)
+    put_back = next(r for r in runs_of(-np.sign(current_a)) if r[0] > pulse[level][-1])
+    cut(put_back, abs(current_a) * after_s)
+    return dataclasses.replace(data, current_a=current)
+
+
+@pytest.mark.parametrize("direction", [0, 1], ids=["discharge", "charge"])
+@pytest.mark.parametrize("amps", [2.0, 5.0], ids=["middle rung", "top rung"])
+def test_a_pulse_stopped_away_from_the_limit_counts_only_as_far_as_it_ran(
+    generic, ocv_fit, direction, amps
+):
+    """A pulse at SOC 0.5 stops after 8 s, its voltage far from the limit (a cycler's
+    stop). Read as cut off by the limit, it would make the cell's overpotential there the
+    whole headroom (3.3 V at 5 A: a limit near zero on no evidence). Its 2 s value is its
+    own; beyond, the middle rung is filled between 1 and 5 A (for this linear cell, its own
+    value), and the top rung grows from its last value as the 2 A pulse did: never below
+    the truth, and within half of it. The level at 0.9, run first, is untouched."""
     ladder_a = (1.0, 2.0, 5.0)
     data = power_test(generic, 25.0, (0.9, 0.5), ladder_a)
     whole = fit_power(data, ocv_fit, POWER_DURATIONS_S)
-    pulse = np.flatnonzero(data.current_a == -2.0)
-    second_start_s = data.time_s[pulse[np.flatnonzero(np.diff(pulse) > 1)[0] + 1]]
-    current_a = data.current_a.copy()
-    current_a[pulse[data.time_s[pulse] >= second_start_s + 8.0]] = 0.0
-    fit = fit_power(dataclasses.replace(data, current_a=current_a), ocv_fit, POWER_DURATIONS_S)
-    lv, k = int(np.argmin(np.abs(fit.soc - 0.5))), ladder_a.index(2.0)
-    assert fit.interrupted == 1 and whole.interrupted == 0
-    assert np.isnan(fit.lasted_s[lv, 0, k]) and whole.lasted_s[lv, 0, k] >= 30.0
-    assert fit.overpotential_v[lv, 0, k] == pytest.approx(whole.overpotential_v[lv, 0, k], rel=0.02)
+    sign = 1.0 if direction else -1.0
+    fit = fit_power(_stopped_after(data, sign * amps, 1, 8.0), ocv_fit, POWER_DURATIONS_S)
+    lv, k = int(np.argmin(np.abs(fit.soc - 0.5))), ladder_a.index(amps)
+    assert whole.stopped == ()
+    assert [(d, a) for _, d, a, _ in fit.stopped] == [(direction, amps)]
+    assert fit.stopped[0][0] == pytest.approx(0.5, abs=0.005)
+    assert 7.0 <= fit.lasted_s[lv, direction, k] < 8.0 <= 30.0 <= whole.lasted_s[lv, direction, k]
+    got, truth = fit.overpotential_v[lv, direction, k], whole.overpotential_v[lv, direction, k]
+    assert got[0] == pytest.approx(truth[0], rel=1e-9)  # 2 s: measured
+    if amps == 2.0:
+        assert got == pytest.approx(truth, rel=0.02)
+    else:
+        assert np.all(got >= truth) and np.all(got <= 1.5 * truth)
     assert np.array_equal(fit.overpotential_v[1 - lv], whole.overpotential_v[1 - lv])
+
+
+def test_a_last_sample_that_lags_the_cut_off_is_still_a_cut_off():
+    """The PyBaMM power test with the last sample of every pulse that met its limit taken
+    out, as a log slower than the cycler's cut-off would have it: at 1 s and 40-135 A the
+    voltage moves 0.15-0.3 V a sample, so the last one left lies up to 0.38 V from the
+    limit. Each is still read as cut off (none as stopped), and all 46 pulses count."""
+    ocv = fit_ocv(read_test(TRUTH / "ocv_25C_5min.csv"))
+    data = read_test(TRUTH / "power_25C_3levels.csv")
+    edges = np.diff((np.abs(data.current_a) > 0.03).astype(int))
+    starts, ends = np.flatnonzero(edges == 1) + 1, np.flatnonzero(edges == -1)
+    last = [
+        end
+        for start, end in zip(starts, ends, strict=True)
+        if data.time_s[end] - data.time_s[start] < 30.0
+    ]
+    keep = np.setdiff1d(np.arange(data.time_s.size), last)
+    lagging = fitting.TestData(data.name, *(getattr(data, column)[keep] for column in TEST_COLUMNS))
+    assert fit_power(data, ocv, POWER_DURATIONS_S).stopped == ()
+    fit = fit_power(lagging, ocv, POWER_DURATIONS_S)
+    assert len(last) >= 10 and fit.stopped == () and fit.pulses == 46
