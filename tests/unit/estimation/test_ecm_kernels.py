@@ -3,6 +3,7 @@ written here in plain NumPy from the textbook equations."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -161,6 +162,28 @@ def test_a_nan_voltage_skips_the_update_and_grows_the_uncertainty(generic):
     assert math.isnan(e[0]) and math.isnan(s[0]) and not math.isnan(e[1])
     assert x[0, 0] == pytest.approx(0.5 - 5.0 / (3600.0 * 5.0))  # prediction only
     assert p[0, 0, 0] > 1e-4 > p[1, 0, 0]
+
+
+@pytest.mark.parametrize("dt_s", [0.1, 1.0])
+def test_the_polarisation_error_fades_in_and_settles_at_its_rms_at_any_rate(generic, dt_s):
+    """With no reading to correct it, each branch's error is a Gauss-Markov process of rms
+    polarisation_error_v and the branch's own time constant: from a known state its
+    variance rises as sigma^2 (1 - e^(-2t/tau)), the same at any loop rate, and settles at
+    sigma^2 (never walking on). The current sensor's noise is set to zero here, so only
+    this term moves the branches' variances."""
+    cell = dataclasses.replace(generic, tuning=generic.tuning._replace(current_noise_a=0.0))
+    sigma2 = cell.tuning.polarisation_error_v**2
+    z = cell.impedance_at(0.5, 25.0)
+    tau_s = np.array([z["r1_ohm"] * z["c1_f"], z["r2_ohm"] * z["c2_f"]])
+    x, p = np.array([[0.5, 0.0, 0.0]]), np.zeros((1, 3, 3))
+    steps = round(tau_s[1] / dt_s)
+    for n in range(1, 5 * steps + 1):
+        run_ekf(cell, x, p, [0.0], [0.0], [math.nan], [25.0], dt_s)
+        if n == steps:
+            expected = sigma2 * -np.expm1(-2.0 * n * dt_s / tau_s)
+            assert np.diag(p[0])[1:] == pytest.approx(expected, rel=1e-6)
+    assert np.diag(p[0])[1:] == pytest.approx([sigma2, sigma2], rel=1e-4)
+    assert p[0, 0, 1] == p[0, 0, 2] == p[0, 1, 2] == 0.0
 
 
 @pytest.mark.parametrize("dt_s", [0.01, 0.1, 1.0])
