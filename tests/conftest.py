@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 import uuid
 from dataclasses import dataclass
@@ -19,6 +21,19 @@ REPO = Path(__file__).resolve().parent.parent
 SIM_CONFIG = REPO / "config" / "sim.toml"
 LIMITS = REPO / "config" / "limits" / "nmc.toml"
 BMS = Path(sys.executable).with_name("bms")
+SOCKET_DIR = Path(tempfile.mkdtemp(prefix="pybms-test-", dir="/tmp"))
+"""The tests' control sockets: a Unix socket's path must be under 108 bytes, which tmp_path
+is not always. Removed at the end of the session with the lock files a BMS leaves beside
+its socket (by design: removing a lock file another process may be opening races it)."""
+
+
+def control_socket_path() -> Path:
+    """A fresh control-socket path under SOCKET_DIR."""
+    return SOCKET_DIR / f"{uuid.uuid4().hex[:12]}.sock"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SOCKET_DIR, ignore_errors=True)
 
 
 def sim_config_data() -> dict:
@@ -52,7 +67,7 @@ def make_config(tmp_path):
     """Write a config derived from config/sim.toml with ``changes``; return its path.
 
     Each config gets its own virtual CAN channel, latch file, store and control socket, so
-    tests never hear each other (the socket lives in /tmp: a Unix socket path must be short).
+    tests never hear each other.
     """
     counter = iter(range(1000))
 
@@ -64,7 +79,7 @@ def make_config(tmp_path):
                 "can": {"channel": f"test-{os.getpid()}-{n}"},
                 "protection": {"latch_file": str(tmp_path / f"latched{n}.json")},
                 "store": {"path": str(tmp_path / f"store{n}.sqlite")},
-                "service": {"control_socket": f"/tmp/pybms-test-{uuid.uuid4().hex[:12]}.sock"},
+                "service": {"control_socket": str(control_socket_path())},
             },
         )
         data = merge(data, changes or {})

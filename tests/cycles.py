@@ -13,7 +13,7 @@ from bms.config import load_config
 from bms.estimation.cell_params import load_cell_params
 from bms.loop import ControlCycle
 from bms.store.latches import LatchStore
-from tests.conftest import merge, sim_config_data
+from tests.conftest import control_socket_path, merge, sim_config_data
 from tests.fakes import FakeBox, FakeFrontEnd, FakePublisher
 
 PERIOD_S = 0.1
@@ -27,7 +27,7 @@ def write_config(tmp_path: Path, changes: dict | None = None, name: str = "c.tom
             "can": {"channel": f"cycles-{uuid.uuid4().hex[:8]}"},
             "protection": {"latch_file": str(tmp_path / "latched.json")},
             "store": {"path": str(tmp_path / "store.sqlite")},
-            "service": {"control_socket": f"/tmp/pybms-test-{uuid.uuid4().hex[:12]}.sock"},
+            "service": {"control_socket": str(control_socket_path())},
         },
     )
     data = merge(data, changes or {})

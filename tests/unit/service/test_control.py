@@ -8,8 +8,6 @@ import queue
 import socket
 import threading
 import time
-import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +16,7 @@ from bms.loop import ControlCycle
 from bms.service import control
 from bms.service.control import ControlError, ControlServer, ControlSocketBusy, request
 from bms.service.endpoint import ServiceEndpoint
+from tests.conftest import control_socket_path
 
 
 def handlers():
@@ -30,9 +29,7 @@ def handlers():
 
 @pytest.fixture
 def sock_path():
-    path = Path(f"/tmp/pybms-test-{uuid.uuid4().hex[:10]}.sock")
-    yield path
-    path.unlink(missing_ok=True)
+    return control_socket_path()
 
 
 def test_a_regular_file_at_the_socket_path_is_not_deleted(tmp_path):

@@ -154,16 +154,20 @@ def as_nobody(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play root and the service user")
-def test_sudo_bms_faults_clear_offline_does_not_lock_the_service_out(tmp_path):
+def test_sudo_bms_faults_clear_offline_does_not_lock_the_service_out(request):
     """The service runs as its own user (pybms; here nobody). `sudo bms faults clear` with the
     service stopped rewrites the latch file: it must keep the service's owner and mode, or the
     next start could not read it and would stay latched (and restart) until someone chowns it.
     Needs root, as sudo does."""
+    import shutil
     import tempfile
 
-    state = Path(tempfile.mkdtemp(prefix="pybms-test-")) / "state"
+    # not under tmp_path, whose parents are 0700: the service user must reach it
+    parent = Path(tempfile.mkdtemp(prefix="pybms-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(parent, ignore_errors=True))
+    state = parent / "state"
     state.mkdir()
-    os.chmod(state.parent, 0o755)
+    os.chmod(parent, 0o755)
     os.chown(state, 65534, 65534)
     latch = state / "latched.json"
     made = as_nobody(
